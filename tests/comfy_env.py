@@ -1,0 +1,45 @@
+"""Locate the harness ComfyUI and make it importable in-process (CPU, no argv parsing).
+
+Used by conftest.py, the benchmarks and scripts. Never imported by the pack itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_MODULE = "comfyui_storydiffusion"
+
+
+def comfy_path() -> str:
+    path = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".harness", "ComfyUI")
+    if not os.path.isfile(os.path.join(path, "main.py")):
+        raise RuntimeError(f"No ComfyUI at {path}: run `bash scripts/setup.sh` (or set COMFYUI_PATH).")
+    return path
+
+
+def import_comfy():
+    """Put ComfyUI on sys.path and force CPU before comfy.model_management is imported."""
+    path = comfy_path()
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = True  # in-process tests register the pack themselves
+    import comfy.model_management  # noqa: F401  (decides the device from args)
+    return path
+
+
+def import_pack():
+    """Import this repository as a package under one fixed name (ComfyUI itself uses the folder path)."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
