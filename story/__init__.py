@@ -1,0 +1,1 @@
+"""Story tooling core (plain Python): parse a story, map panels to characters, lay out comic pages."""
