@@ -38,6 +38,12 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             fan_in = p[0].numel()
             std = 0.7 / math.sqrt(max(fan_in, 1))
         p.copy_(torch.randn(p.shape, generator=gen) * std)
+    # norms are not always named "norm" (UNet GroupNorms are in_layers.0 / out_layers.0 / out.0)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(m, "weight", None) is not None:
+            m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
     for name, b in module.named_buffers():
         if name.endswith("position_ids"):
             b.copy_(torch.arange(b.shape[-1]).expand_as(b))
@@ -63,7 +69,8 @@ def sd15_unet_config(width: int = 32, context_dim: int = 64) -> dict:
         "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
         "context_dim": context_dim, "num_heads": 8, "num_head_channels": -1,
-        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        # ComfyUI pops this list from the end: output blocks 0-2 have no attention, 3-11 do
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
 
