@@ -1,0 +1,84 @@
+"""Story node: characters + one line per panel -> batched conditioning, captions and the STORY map."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..story import comfy_encode
+from ..story.parse import parse_story
+from ..story.styles import NO_STYLE, STYLE_NAMES, apply_style, style_negative
+from ._common import CATEGORY, STORY_TYPE
+
+EXAMPLE_CHARACTERS = "[Mia] a young woman with short red hair, green raincoat\n[Leo] an old man with a white beard, blue sweater"
+EXAMPLE_PANELS = (
+    "[Mia] waits at a rainy bus stop # Monday, again.\n"
+    "[Mia] and [Leo] share an umbrella on the bus # \"Is this seat taken?\"\n"
+    "[NC] a bus driving through a rainy city at night\n"
+    "[Leo] smiles and waves goodbye # See you tomorrow."
+)
+
+
+class StoryDiffusionStory:
+    DESCRIPTION = (
+        "Turns a story into one prompt per panel. Define characters as '[Name] description' lines, then "
+        "write one panel per line: '[Name]' puts a character in the panel (its description replaces the tag), "
+        "'[NC]' marks a panel without characters, and text after '#' is the caption shown on the comic page. "
+        "Outputs batched conditioning (one entry per panel, in order) for a latent batch of 'panel_count' "
+        "images, and the STORY map the consistent attention node uses to share features between panels "
+        "that show the same character."
+    )
+    CATEGORY = f"{CATEGORY}/story"
+    FUNCTION = "build"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "STRING", STORY_TYPE, "INT")
+    RETURN_NAMES = ("positive", "negative", "captions", "story", "panel_count")
+    OUTPUT_TOOLTIPS = (
+        "One positive prompt per panel, as a batch: connect to the sampler with a latent batch of panel_count.",
+        "The style's negative prompt plus yours, repeated for every panel.",
+        "The panel captions, one line per panel (blank line = no caption): connect to the comic page node.",
+        "Which characters each panel shows and which panels are identity panels: connect to the consistent "
+        "attention node.",
+        "The number of panels: connect to the batch_size of Empty Latent Image.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The text encoder of your checkpoint (SD1.5 or SDXL)."}),
+                "characters": ("STRING", {
+                    "multiline": True, "default": EXAMPLE_CHARACTERS,
+                    "tooltip": "One character per line: '[Name] description'. Any number of characters. "
+                               "With a single character, panels that name nobody show that character."}),
+                "panels": ("STRING", {
+                    "multiline": True, "default": EXAMPLE_PANELS,
+                    "tooltip": "One panel per line. '[Name]' is replaced by the character's description; "
+                               "'[NC]' = no character; 'what is drawn # caption' adds a caption. "
+                               "Prompt weighting like (word:1.2) works as in CLIP Text Encode; \\[ \\] are literal brackets."}),
+                "style": (list(STYLE_NAMES), {
+                    "default": NO_STYLE,
+                    "tooltip": "Style preset: wraps every panel prompt in a style template and adds the style's "
+                               "negative prompt."}),
+                "negative": ("STRING", {
+                    "multiline": True, "default": "bad anatomy, deformed, extra limbs, blurry, watermark, text",
+                    "tooltip": "Negative prompt for every panel (added after the style's own negative prompt)."}),
+                "identity_panels": ("INT", {
+                    "default": 3, "min": 1, "max": 64,
+                    "tooltip": "Per character, how many of the first panels showing it are identity panels: "
+                               "generated together first so the character's look is fixed there and read by "
+                               "the other panels."}),
+            }
+        }
+
+    def build(self, clip, characters, panels, style, negative, identity_panels):
+        story = parse_story(characters, panels, identity_panels=identity_panels)
+        styled = tuple(dataclasses.replace(p, prompt=apply_style(style, p.prompt)) for p in story.panels)
+        story = dataclasses.replace(story, panels=styled)
+        prompts = [p.prompt for p in styled]
+        positive = comfy_encode.encode_panels(clip, prompts, lines=[p.line for p in styled])
+        negative_cond = comfy_encode.repeat_conditioning(
+            comfy_encode.encode_prompt(clip, style_negative(style, negative)), len(prompts))
+        captions = "\n".join(p.caption for p in styled)
+        return positive, negative_cond, captions, story, len(prompts)
+
+
+NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory}
+NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "StoryDiffusion Story (panels + captions)"}
