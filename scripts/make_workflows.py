@@ -1,0 +1,506 @@
+"""Build the shared workflows (workflows/*.json, ComfyUI UI format 0.4) from compact Python specs.
+
+Why a generator: the frontend restores widget values by *position* (`widgets_values`), in the
+order of the node's inputs in `/object_info` (`input_order`), with an extra "control after
+generate" value after every seed. Hand-edited JSON silently shifts when a node gains an input;
+rebuilding from the live `/object_info` keeps every value on its widget. `--check` (used by
+tests/test_workflows.py) fails when a shipped file is stale.
+
+    python scripts/make_workflows.py                  # start a ComfyUI with the pack, rewrite workflows/
+    python scripts/make_workflows.py --check          # exit 1 if a file differs from what it would write
+    python scripts/make_workflows.py --object-info f.json   # use a saved /object_info instead
+    python scripts/make_workflows.py --thumbnails test-artifacts/workflows   # screenshots -> <name>.jpg
+
+Each spec is a function `build(b: WorkflowBuilder)`; `WORKFLOWS` also records the model files a
+workflow references (the tests write tiny random files with exactly those names).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS_DIR = os.path.join(REPO, "workflows")
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these even without the flag
+COLUMN_WIDTH = 400
+
+
+class ModelFile(str):
+    """A widget value that names a file in a ComfyUI models folder (not checked against the combo:
+    the list depends on the user's disk). `kind` tells the tests which tiny random file to write."""
+
+    def __new__(cls, folder: str, name: str, kind: str):
+        value = super().__new__(cls, name)
+        value.folder, value.kind = folder, kind
+        return value
+
+
+class SpecError(ValueError):
+    """A workflow spec does not match the nodes that are installed (rerun after fixing the spec)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# one node's inputs as the frontend sees them
+
+
+def node_inputs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) for the required then optional inputs, in the frontend's order."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in order.get(section, []):
+            spec = specs[name]
+            out.append((name, spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}))
+    return out
+
+
+def is_widget(kind, options: dict) -> bool:
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def combo_options(kind, options: dict) -> list:
+    return kind if isinstance(kind, list) else list(options.get("options", []))
+
+
+def default_value(kind, options: dict):
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = combo_options(kind, options)
+        return choices[0] if choices else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+def widget_slots(name: str, kind, options: dict, value) -> list:
+    """The widgets_values entries one input contributes (value, then the widgets the frontend adds)."""
+    values = [value]
+    if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
+        values.append("fixed")  # "control after generate": never change a shipped seed on queue
+    if options.get("image_upload"):
+        values.append("image")  # LoadImage's upload button widget stores its kind
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# the builder
+
+
+@dataclass
+class _Node:
+    id: int
+    type: str
+    pos: list
+    size: list
+    title: str | None
+    widgets: dict
+    inputs: list = field(default_factory=list)  # dicts as saved
+    outputs: list = field(default_factory=list)
+    widgets_values: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class WorkflowBuilder:
+    """Adds nodes and links by name; checks every name and value against /object_info."""
+
+    def __init__(self, object_info: dict, name: str):
+        self.info = object_info
+        self.name = name
+        self.nodes: list[_Node] = []
+        self.links: list[list] = []
+        self.column_y: dict[int, float] = {}
+        self.models: dict[str, dict[str, str]] = {}  # models folder -> {file name: kind}
+
+    def _place(self, column: int, height: float) -> list:
+        y = self.column_y.get(column, 80.0)
+        self.column_y[column] = y + height + 70
+        return [60 + column * COLUMN_WIDTH, y]
+
+    def add(self, node_type: str, column: int = 0, widgets: dict | None = None, title: str | None = None,
+            width: float = 340) -> int:
+        """A node of `node_type` in layout column `column`; unnamed widgets keep their defaults."""
+        if node_type not in self.info:
+            raise SpecError(f"{self.name}: node type {node_type!r} is not installed")
+        info = self.info[node_type]
+        widgets = dict(widgets or {})
+        inputs = node_inputs(info)
+        known = {n for n, k, o in inputs if is_widget(k, o)}
+        unknown = set(widgets) - known
+        if unknown:
+            raise SpecError(f"{self.name}: {node_type} has no widget {sorted(unknown)} (widgets: {sorted(known)})")
+        values, sockets, lines = [], [], 0
+        for name, kind, options in inputs:
+            if not is_widget(kind, options):
+                sockets.append({"name": name, "type": kind, "link": None})
+                continue
+            value = widgets.get(name, default_value(kind, options))
+            choices = combo_options(kind, options) if (isinstance(kind, list) or kind == "COMBO") else []
+            if isinstance(value, ModelFile):
+                self.models.setdefault(value.folder, {})[str(value)] = value.kind
+                value = str(value)
+            elif choices and value not in choices:
+                raise SpecError(f"{self.name}: {node_type}.{name} = {value!r} is not one of {choices}")
+            values += widget_slots(name, kind, options, value)
+            lines += 5 if (kind == "STRING" and options.get("multiline")) else 1
+        outputs = [{"name": out_name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [], "slot_index": i}
+                   for i, (out_name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+        height = 40 + 26 * max(len(sockets), len(outputs)) + 28 * lines
+        node = _Node(len(self.nodes) + 1, node_type, [0, 0], [width, height], title, widgets,
+                     sockets, outputs, values)
+        node.pos = self._place(column, height)
+        self.nodes.append(node)
+        return node.id
+
+    def note(self, text: str, column: int = 0, title: str = "Note", width: float = 340, height: float = 160) -> int:
+        """A MarkdownNote (frontend-only: never part of the API prompt)."""
+        node = _Node(len(self.nodes) + 1, "MarkdownNote", [0, 0], [width, height], title, {}, [], [], [text])
+        node.pos = self._place(column, height)
+        node.extra = {"color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node.id
+
+    def connect(self, src: int, output: str | int, dst: int, input_name: str) -> None:
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        if isinstance(output, str):
+            matches = [o for o in source.outputs if o["name"] == output]
+            if not matches:
+                raise SpecError(f"{self.name}: {source.type} has no output {output!r} "
+                                f"(outputs: {[o['name'] for o in source.outputs]})")
+            out = matches[0]
+        else:
+            out = source.outputs[output]
+        slot = next((i for i, s in enumerate(target.inputs) if s["name"] == input_name), None)
+        if slot is None:
+            slot = self._widget_to_socket(target, input_name)
+        socket = target.inputs[slot]
+        if socket["link"] is not None:
+            raise SpecError(f"{self.name}: {target.type}.{input_name} is linked twice")
+        if not _types_match(out["type"], socket["type"]):
+            raise SpecError(f"{self.name}: cannot link {source.type}.{out['name']} ({out['type']}) "
+                            f"to {target.type}.{input_name} ({socket['type']})")
+        link_id = len(self.links) + 1
+        socket["link"] = link_id
+        out["links"].append(link_id)
+        self.links.append([link_id, source.id, out["slot_index"], target.id, slot, out["type"]])
+
+    def _widget_to_socket(self, node: _Node, input_name: str) -> int:
+        """Linking into a widget: the frontend saves such inputs after the sockets, with `widget`."""
+        for name, kind, options in node_inputs(self.info[node.type]):
+            if name == input_name and is_widget(kind, options):
+                node.inputs.append({"name": name, "type": "COMBO" if isinstance(kind, list) else kind,
+                                    "widget": {"name": name}, "link": None})
+                return len(node.inputs) - 1
+        raise SpecError(f"{self.name}: {node.type} has no input {input_name!r}")
+
+    def build(self) -> dict:
+        nodes = []
+        for order, node in enumerate(self._execution_order()):
+            entry = {"id": node.id, "type": node.type, "pos": node.pos, "size": node.size, "flags": {},
+                     "order": order, "mode": 0, "inputs": node.inputs, "outputs": node.outputs,
+                     "properties": {} if node.type == "MarkdownNote" else {"Node name for S&R": node.type},
+                     "widgets_values": node.widgets_values}
+            if node.title:
+                entry["title"] = node.title
+            entry.update(node.extra)
+            nodes.append(entry)
+        nodes.sort(key=lambda n: n["id"])
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-storydiffusion/workflows/{self.name}")),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+        }
+
+    def _execution_order(self) -> list[_Node]:
+        done, order = set(), []
+        parents = {n.id: {link[1] for link in self.links if link[3] == n.id} for n in self.nodes}
+        while len(order) < len(self.nodes):
+            ready = [n for n in self.nodes if n.id not in done and parents[n.id] <= done]
+            if not ready:
+                raise SpecError(f"{self.name}: the links form a cycle")
+            order.append(ready[0])
+            done.add(ready[0].id)
+        return order
+
+
+def _types_match(out_type: str, in_type) -> bool:
+    if out_type == "*" or in_type == "*":
+        return True
+    return bool(set(str(out_type).split(",")) & set(str(in_type).split(",")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# specs
+
+
+@dataclass(frozen=True)
+class Workflow:
+    build: Callable[[WorkflowBuilder], None]
+    description: str
+    outputs: tuple  # file extensions the run must write, e.g. (".png",)
+    shipped: bool = True  # False: test-only (not written to workflows/)
+
+
+SD15_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15")
+SDXL_CHECKPOINT = ModelFile("checkpoints", "sd_xl_base_1.0.safetensors", "sdxl")
+
+
+def core_sd15(b: WorkflowBuilder) -> None:
+    """ComfyUI core nodes only: proves the browser harness independently of the pack."""
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    latent = b.add("EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 1})
+    pos = b.add("CLIPTextEncode", 1, {"text": "a red fox reading a comic"})
+    neg = b.add("CLIPTextEncode", 1, {"text": "blurry"})
+    sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 3)
+    save = b.add("SaveImage", 3, {"filename_prefix": "core_sd15"})
+    b.connect(ckpt, "CLIP", pos, "clip")
+    b.connect(ckpt, "CLIP", neg, "clip")
+    b.connect(ckpt, "MODEL", sampler, "model")
+    b.connect(pos, 0, sampler, "positive")
+    b.connect(neg, 0, sampler, "negative")
+    b.connect(latent, 0, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(ckpt, "VAE", decode, "vae")
+    b.connect(decode, 0, save, "images")
+
+
+def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, story_widgets: dict,
+                   prefix: str, size: int, page_widgets: dict, csa_widgets: dict | None = None) -> int:
+    """Story -> consistent attention -> one KSampler over all panels -> comic page (shared by the specs)."""
+    story = b.add("StoryDiffusionStory", 1, story_widgets, width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, dict({"seed": 7}, **(csa_widgets or {})))
+    latent = b.add("EmptyLatentImage", 2, {"width": size, "height": size})
+    sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2 if size <= 64 else 25, "cfg": 5.0})
+    decode = b.add("VAEDecode", 3)
+    page = b.add("StoryDiffusionComicPage", 3, page_widgets)
+    save = b.add("SaveImage", 4, {"filename_prefix": prefix})
+    b.connect(*clip_out, story, "clip")
+    b.connect(*model_out, csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(story, "panel_count", latent, "batch_size")
+    b.connect(csa, "model", sampler, "model")
+    b.connect(story, "positive", sampler, "positive")
+    b.connect(story, "negative", sampler, "negative")
+    b.connect(latent, 0, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(*vae_out, decode, "vae")
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+    return story
+
+
+# Sizes: the shipped files are run by the tests on tiny random checkpoints, so latents stay small
+# (64 px, 2 steps); the notes tell users to raise them (SD1.5: 512, SDXL: 1024, 25+ steps).
+TEST_SIZE = 64
+SIZE_NOTE = ("**Before a real run:** set Empty Latent Image to 512×512 (SD1.5) or 1024×1024 (SDXL) and "
+             "KSampler steps to 25–50. The file ships at 64 px / 2 steps so CI can run it on tiny models.")
+
+
+def comic_sd15(b: WorkflowBuilder) -> None:
+    """Story -> Consistent Self-Attention -> KSampler -> comic page, on any SD1.5 checkpoint."""
+    b.note("## StoryDiffusion comic (SD1.5)\nOne line per panel in **Story**; `[Name]` puts a character in "
+           "a panel. Consistent Self-Attention shares tokens between panels so faces and clothes match.\n\n"
+           "Checkpoint: any SD1.5 model in `models/checkpoints`.\n\n" + SIZE_NOTE, 0, height=260)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    _story_to_page(b, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), {"style": "Comic book"}, "storydiffusion/comic_sd15",
+                   TEST_SIZE, {"layout": "classic comic", "page_width": 512})
+
+
+STORY_CHARACTERS = "\n".join([
+    "[Mia] a young woman with short red hair, green raincoat",
+    "[Leo] an old man with a white beard, blue sweater",
+])
+STORY_PANELS = "\n".join([
+    "[Mia] wakes up in a small attic room # Monday.",
+    "[Mia] drinks coffee by the window # Rain again.",
+    "[NC] a rainy city street at dawn",
+    "[Mia] waits at a bus stop with an umbrella",
+    "[Leo] walks his dog in the rain # Same as every day.",
+    "[Leo] sits down at the bus stop",
+    "[Mia] and [Leo] share the umbrella # \"Is this seat taken?\"",
+    "[NC] a red bus driving through puddles",
+    "[Mia] and [Leo] laugh on the bus",
+    "[Leo] shows a photo of his dog # His name is Biscuit.",
+    "[Mia] waves goodbye at her stop # See you tomorrow!",
+    "[NC] the sun breaks through the clouds over the city # The End.",
+])
+
+
+def story_characters(b: WorkflowBuilder) -> None:
+    """Two characters, [NC] panels, 12 panels in a sliding window, identity panels first."""
+    b.note("## Two characters, twelve panels\nEach character is defined once (`[Name] description`); `[NC]` "
+           "panels show no character and share nothing. **identity_panels** = the first panels of each character "
+           "that fix its look; **window_size** 4 keeps memory flat however long the story is.\n\n" + SIZE_NOTE,
+           0, height=300)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    _story_to_page(b, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"),
+                   {"characters": STORY_CHARACTERS, "panels": STORY_PANELS, "identity_panels": 2,
+                    "style": "Japanese Anime"},
+                   "storydiffusion/story_characters", TEST_SIZE,
+                   {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768}, {"window_size": 4})
+
+
+PHOTOMAKER_FILE = ModelFile("photomaker", "photomaker-v1.bin", "photomaker")
+
+
+def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
+    """Reference photos -> PhotoMaker ID fuse per panel + Consistent Self-Attention (SDXL) -> comic page."""
+    b.note("## Your character from photos (SDXL + PhotoMaker)\nPut 1–4 photos of one person in **Load Image** "
+           "(batch them with Batch Images). Write the class word and trigger in the character line, e.g. "
+           "`[Ann] a woman img`. Files: an SDXL checkpoint in `models/checkpoints`, `photomaker-v1.bin` in "
+           "`models/photomaker`.\n\n" + SIZE_NOTE, 0, height=300)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SDXL_CHECKPOINT})
+    photomaker = b.add("StoryDiffusionPhotoMakerLoader", 0, {"photomaker_name": PHOTOMAKER_FILE})
+    photo_a = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_1.png", "photo")})
+    photo_b = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_2.png", "photo")})
+    photos = b.add("ImageBatch", 1)
+    lora = b.add("StoryDiffusionPhotoMakerApplyLoRA", 1)
+    character = b.add("StoryDiffusionPhotoMakerCharacter", 1, {"name": "Ann", "trigger_word": "img"})
+    b.connect(photo_a, "IMAGE", photos, "image1")
+    b.connect(photo_b, "IMAGE", photos, "image2")
+    b.connect(ckpt, "MODEL", lora, "model")
+    b.connect(photomaker, 0, lora, "photomaker")
+    b.connect(photos, 0, character, "images")
+    story = b.add("StoryDiffusionStory", 2, {
+        "characters": "[Ann] a woman img, curly black hair, yellow jacket",
+        "panels": "[Ann] reads a map at a train station # Where to?\n[Ann] looks out of a train window\n"
+                  "[NC] mountains and a lake seen from a train\n[Ann] arrives in a snowy village # Finally.",
+        "style": "Comic book", "identity_panels": 2}, width=420)
+    fuse = b.add("StoryDiffusionPhotoMakerFuse", 2, {"trigger_word": "img", "start_merge": 0.1})
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 3, {"seed": 7})
+    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 4, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 4)
+    page = b.add("StoryDiffusionComicPage", 5, {"layout": "horizontal strip", "page_width": 768})
+    save = b.add("SaveImage", 5, {"filename_prefix": "storydiffusion/comic_sdxl_photomaker"})
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "CLIP", fuse, "clip")
+    b.connect(photomaker, 0, fuse, "photomaker")
+    b.connect(character, 0, fuse, "characters")
+    b.connect(story, "story", fuse, "story")
+    b.connect(lora, 0, csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(story, "panel_count", latent, "batch_size")
+    b.connect(csa, "model", sampler, "model")
+    b.connect(fuse, 0, sampler, "positive")
+    b.connect(story, "negative", sampler, "negative")
+    b.connect(latent, 0, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(ckpt, "VAE", decode, "vae")
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+
+
+WORKFLOWS: dict[str, Workflow] = {
+    "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
+    "comic_sd15": Workflow(comic_sd15, "Story -> Consistent Self-Attention -> KSampler -> comic page (SD1.5)", (".png",)),
+    "story_characters": Workflow(story_characters, "Two characters, [NC] panels, 12 panels, sliding window",
+                                 (".png",)),
+    "comic_sdxl_photomaker": Workflow(comic_sdxl_photomaker, "Reference photos -> PhotoMaker ID fuse + "
+                                      "Consistent Self-Attention (SDXL) -> comic page", (".png",)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_workflow(name: str, object_info: dict) -> dict:
+    return make_builder(name, object_info).build()
+
+
+def make_builder(name: str, object_info: dict) -> WorkflowBuilder:
+    """The filled builder: `.build()` is the workflow, `.models` the model files it references."""
+    builder = WorkflowBuilder(object_info, name)
+    WORKFLOWS[name].build(builder)
+    return builder
+
+
+def render(workflow: dict) -> str:
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
+
+
+def live_object_info() -> dict:
+    """Start the harness ComfyUI (with this pack) on an empty models folder and read /object_info."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import harness
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = os.path.join(tmp, "models")
+        for name in harness.MODEL_FOLDERS:
+            os.makedirs(os.path.join(models, name))
+        server = harness.ComfyServer(os.path.join(tmp, "server"), models)
+        server.start()
+        try:
+            return server.get("/object_info")
+        finally:
+            server.stop()
+
+
+def write_thumbnails(screenshot_dir: str) -> list[str]:
+    """workflows/<name>.jpg (the frontend's template thumbnail name) from <screenshot_dir>/<name>.png."""
+    from PIL import Image
+
+    written = []
+    for name, spec in WORKFLOWS.items():
+        src = os.path.join(screenshot_dir, f"{name}.png")
+        if spec.shipped and os.path.exists(src):
+            image = Image.open(src).convert("RGB")
+            image.thumbnail((768, 480))
+            dest = os.path.join(WORKFLOWS_DIR, f"{name}.jpg")
+            image.save(dest, quality=85)
+            written.append(dest)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--object-info", help="a saved /object_info JSON (default: start ComfyUI and ask it)")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
+    parser.add_argument("--thumbnails", metavar="DIR", help="make <name>.jpg from DIR/<name>.png screenshots")
+    args = parser.parse_args(argv)
+    if args.thumbnails:
+        for path in write_thumbnails(args.thumbnails):
+            print("wrote", os.path.relpath(path, REPO))
+        return 0
+    if args.object_info:
+        with open(args.object_info) as f:
+            info = json.load(f)
+    else:
+        info = live_object_info()
+    stale = []
+    os.makedirs(WORKFLOWS_DIR, exist_ok=True)
+    for name, spec in WORKFLOWS.items():
+        if not spec.shipped:
+            continue
+        text = render(build_workflow(name, info))
+        path = os.path.join(WORKFLOWS_DIR, f"{name}.json")
+        current = open(path).read() if os.path.exists(path) else None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(name)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+            print("wrote", os.path.relpath(path, REPO))
+    if stale:
+        print(f"stale workflows (rerun `python scripts/make_workflows.py`): {stale}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
