@@ -1,0 +1,225 @@
+"""Nodes for Consistent Self-Attention and the identity bank (thin: inputs, validation, calls into attention/)."""
+from __future__ import annotations
+
+from ._common import CATEGORY, STORY_TYPE
+
+BANK_TYPE = "STORYDIFFUSION_BANK"
+SUBCATEGORY = f"{CATEGORY}/attention"
+
+
+def _adapter():
+    from ..attention import comfy_patch
+
+    return comfy_patch
+
+
+def _schedule():
+    from ..attention import schedule
+
+    return schedule
+
+
+def _user_error(e: Exception) -> Exception:
+    """Our own validation errors reach the user as plain ValueErrors with the message only."""
+    return ValueError(str(e))
+
+
+class ConsistentSelfAttention:
+    DESCRIPTION = ("Patches a clone of the MODEL so the self-attention of every panel in a latent batch also reads tokens "
+                   "sampled from the other panels (StoryDiffusion's Consistent Self-Attention): a KSampler with N latents "
+                   "and N prompts then draws the same character in every panel. The input MODEL is not changed.")
+    CATEGORY = SUBCATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the input MODEL; connect it to the KSampler that draws the panels.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        s = _schedule()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL model. It is cloned, never modified."}),
+                "rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "Share of each panel's tokens the other panels read (paper: 0.5). "
+                                              "0 turns sharing off; higher = more consistent, less varied, slower."}),
+                "rate_high_res": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Rate for the highest-resolution attention layers (official sa64 at "
+                                                       "SDXL 1024px; 'rate' is sa32). Lower it to save memory/time on big images."}),
+                "window_size": ("INT", {"default": 0, "min": 0, "max": 256,
+                                        "tooltip": "0: every panel reads all panels of the batch. W>0 smaller than the batch: "
+                                                   "sliding windows of W consecutive panels, output averaged over the windows "
+                                                   "(the paper's long-story mode); extra memory depends on W, not on the batch."}),
+                "layers": (list(s.LAYER_CHOICES), {"default": s.LAYERS_OUTPUT,
+                                                   "tooltip": "Which self-attention layers share: the up/output blocks only "
+                                                              "(official), all blocks, or the custom list below."}),
+                "custom_layers": ("STRING", {"default": "output 3-11", "multiline": False,
+                                             "tooltip": "Used when layers is 'custom list': comma-separated entries like "
+                                                        "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index in an "
+                                                        "SDXL stack). SD1.5: input 1,2,4,5,7,8, middle, output 3-11; SDXL: "
+                                                        "input 4,5,7,8, middle, output 0-5."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Sharing starts at this fraction of the sampling (0 = first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Sharing stops after this fraction of the sampling (1 = last step)."}),
+                "schedule": (list(s.SCHEDULE_CHOICES), {"default": s.SCHEDULE_EVERY_STEP,
+                                                        "tooltip": "'every step': share at every step in the range. 'official "
+                                                                   "random': as the released code — plain attention at step 0, "
+                                                                   "then each layer shares with probability 0.7 (0.9 from step 20), "
+                                                                   "a coin drawn from the seed."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the token sampling (and of the official schedule's coin). The same "
+                                            "seed gives bit-identical results."}),
+            },
+            "optional": {
+                "story": (STORY_TYPE, {"tooltip": "Optional story: a panel only shares with panels showing one of its "
+                                                  "characters; [NC] panels share nothing. Without it all panels are one "
+                                                  "group. The latent batch must have one latent per story panel."}),
+            },
+        }
+
+    def patch(self, model, rate, rate_high_res, window_size, layers, custom_layers, start_percent, end_percent,
+              schedule, seed, story=None):
+        adapter = _adapter()
+        try:
+            patched = adapter.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
+                                          layer_choice=layers, custom_layers=custom_layers,
+                                          start_percent=start_percent, end_percent=end_percent,
+                                          official_schedule=schedule == _schedule().SCHEDULE_OFFICIAL, seed=seed, story=story)
+        except ValueError as e:
+            raise _user_error(e) from None
+        return (patched,)
+
+
+class IdentityBankWrite:
+    DESCRIPTION = ("Makes the next KSampler run of this MODEL (on the identity panels, batched together) record the tokens "
+                   "they share into an identity bank, step by step and layer by layer. Later runs read the bank with "
+                   "'Identity Bank Read', so any number of story panels costs the memory of the identity batch plus one panel.")
+    CATEGORY = SUBCATEGORY
+    RETURN_TYPES = ("MODEL", BANK_TYPE)
+    RETURN_NAMES = ("model", "bank")
+    OUTPUT_TOOLTIPS = ("The model to sample the identity panels with (it fills the bank).",
+                       "The identity bank; filled when a KSampler runs the model output.")
+    FUNCTION = "write"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The MODEL output of 'StoryDiffusion Consistent Self-Attention' (its settings "
+                                           "and story decide the identity panels and what is stored)."}),
+            "storage": (["cpu", "device"], {"default": "cpu",
+                                            "tooltip": "Keep the bank in CPU memory (saves GPU memory) or on the sampling "
+                                                       "device (faster reads)."}),
+            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision of the stored tokens."}),
+        }}
+
+    def write(self, model, storage, dtype):
+        adapter = _adapter()
+        from ..attention.bank import IdentityBank
+
+        try:
+            bank = IdentityBank(storage=storage, dtype=dtype)
+            return (adapter.with_bank(model, adapter.MODE_WRITE, bank), bank)
+        except ValueError as e:
+            raise _user_error(e) from None
+
+
+class IdentityBankRead:
+    DESCRIPTION = ("Makes this MODEL's panels attend to the identity bank tokens of their characters plus their own "
+                   "tokens, so panels generated one (or a few) at a time keep the identity panels' characters.")
+    CATEGORY = SUBCATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model to sample the story panels with.",)
+    FUNCTION = "read"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The MODEL output of 'StoryDiffusion Consistent Self-Attention' (same settings "
+                                           "as the identity run)."}),
+            "bank": (BANK_TYPE, {"tooltip": "From 'Identity Bank Write' (after its KSampler ran) or 'Load Identity Bank'."}),
+            "first_panel": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                    "tooltip": "Story panel index (0-based) of the first latent of the batch this model "
+                                               "samples; the next latents are the following panels."}),
+        }, "optional": {
+            "after": ("LATENT", {"tooltip": "Connect the LATENT output of the identity KSampler here so ComfyUI runs the "
+                                            "identity run (which fills the bank) first. Not needed with a loaded bank."}),
+        }}
+
+    def read(self, model, bank, first_panel, after=None):
+        adapter = _adapter()
+        if bank.empty:
+            raise ValueError("the identity bank is empty: connect the LATENT output of the KSampler that samples the "
+                             "'Identity Bank Write' model to the 'after' input, or load a saved bank")
+        try:
+            return (adapter.with_bank(model, adapter.MODE_READ, bank, first_panel),)
+        except ValueError as e:
+            raise _user_error(e) from None
+
+
+class SaveIdentityBank:
+    DESCRIPTION = ("Saves an identity bank to the output folder as .safetensors, to reuse the characters in another "
+                   "session (move the file into models/storydiffusion and load it with 'Load Identity Bank').")
+    CATEGORY = SUBCATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "bank": (BANK_TYPE, {"tooltip": "The bank to save (filled by its identity run)."}),
+            "filename_prefix": ("STRING", {"default": "storydiffusion/bank",
+                                           "tooltip": "File name prefix inside the output folder; a counter is appended."}),
+        }, "optional": {
+            "after": ("LATENT", {"tooltip": "Connect the LATENT output of the identity KSampler so the bank is filled "
+                                            "before it is saved."}),
+        }}
+
+    def save(self, bank, filename_prefix, after=None):
+        adapter = _adapter()
+        try:
+            subfolder, file = adapter.save_bank_file(bank, filename_prefix)
+        except ValueError as e:
+            raise _user_error(e) from None
+        return {"ui": {"text": [f"{subfolder}/{file}" if subfolder else file]}}
+
+
+class LoadIdentityBank:
+    DESCRIPTION = "Loads an identity bank saved with 'Save Identity Bank' from the models/storydiffusion folder."
+    CATEGORY = SUBCATEGORY
+    RETURN_TYPES = (BANK_TYPE,)
+    RETURN_NAMES = ("bank",)
+    OUTPUT_TOOLTIPS = ("The identity bank, for 'Identity Bank Read'.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "bank_name": (_adapter().list_bank_files(), {"tooltip": "A .safetensors bank in models/storydiffusion."}),
+            "storage": (["cpu", "device"], {"default": "cpu",
+                                            "tooltip": "Keep the bank in CPU memory or move it to the sampling device at each read."}),
+        }}
+
+    def load(self, bank_name, storage):
+        try:
+            return (_adapter().load_bank_file(bank_name, storage),)
+        except ValueError as e:
+            raise _user_error(e) from None
+
+
+NODE_CLASS_MAPPINGS = {
+    "StoryDiffusionConsistentSelfAttention": ConsistentSelfAttention,
+    "StoryDiffusionIdentityBankWrite": IdentityBankWrite,
+    "StoryDiffusionIdentityBankRead": IdentityBankRead,
+    "StoryDiffusionSaveIdentityBank": SaveIdentityBank,
+    "StoryDiffusionLoadIdentityBank": LoadIdentityBank,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "StoryDiffusionConsistentSelfAttention": "StoryDiffusion Consistent Self-Attention",
+    "StoryDiffusionIdentityBankWrite": "StoryDiffusion Identity Bank Write",
+    "StoryDiffusionIdentityBankRead": "StoryDiffusion Identity Bank Read",
+    "StoryDiffusionSaveIdentityBank": "StoryDiffusion Save Identity Bank",
+    "StoryDiffusionLoadIdentityBank": "StoryDiffusion Load Identity Bank",
+}

@@ -1,0 +1,255 @@
+"""attention/ core, schedule and bank against references written from the formulas (no ComfyUI model)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def att(pack):
+    import comfyui_storydiffusion.attention.bank as bank
+    import comfyui_storydiffusion.attention.core as core
+    import comfyui_storydiffusion.attention.schedule as schedule
+
+    return core, schedule, bank
+
+
+HEADS, DIM = 2, 8
+
+
+def naive_attention(q, k, v, heads=HEADS):
+    """softmax(q k^T / sqrt(d)) v per head, written out."""
+    d = q.shape[-1] // heads
+    out = []
+    for h in range(heads):
+        qh, kh, vh = (t[:, h * d:(h + 1) * d].double() for t in (q, k, v))
+        w = torch.softmax(qh @ kh.T / math.sqrt(d), dim=-1)
+        out.append(w @ vh)
+    return torch.cat(out, dim=-1)
+
+
+def naive_csa(q, k, v, chunks, share, sampled, members=None, bank=None):
+    """Output rows of the panels in `members` (default all) when each reads the sampled tokens of
+    the members it shares with, the bank panels it reads, and itself."""
+    b = q.shape[0] // chunks
+    members = list(range(b)) if members is None else list(members)
+    out = {}
+    for c in range(chunks):
+        for i in members:
+            parts = []
+            if bank is not None:
+                bk, bv, reads = bank
+                parts_k = [bk[c, p] for p in range(bk.shape[1]) if reads[i, p]]
+                parts_v = [bv[c, p] for p in range(bk.shape[1]) if reads[i, p]]
+            else:
+                parts_k, parts_v = [], []
+            for j in members:
+                if j != i and share[i, j]:
+                    parts_k.append(k[c * b + j, sampled[j]])
+                    parts_v.append(v[c * b + j, sampled[j]])
+            kk = torch.cat(parts_k + [k[c * b + i]])
+            vv = torch.cat(parts_v + [v[c * b + i]])
+            del parts
+            out[c * b + i] = naive_attention(q[c * b + i], kk, vv)
+    return out
+
+
+def rand_qkv(rows, tokens=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, tokens, HEADS * DIM, generator=g) for _ in range(3)]
+
+
+def test_batch_mode_matches_reference(att):
+    core = att[0]
+    b, chunks = 4, 2
+    q, k, v = rand_qkv(chunks * b)
+    sampled = core.sample_panel_tokens(12, 0.5, seed=1, step=3, layer=7, panels=range(b))
+    share = ~torch.eye(b, dtype=torch.bool)
+    out = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled)
+    ref = naive_csa(q, k, v, chunks, share, sampled)
+    for row, expected in ref.items():
+        torch.testing.assert_close(out[row].double(), expected, atol=1e-5, rtol=1e-5)
+    # it really is different from plain attention
+    plain = core.sdpa_attention(q, k, v, HEADS)
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_window_mode_is_the_mean_over_windows(att):
+    core = att[0]
+    b, w, chunks = 5, 3, 2
+    q, k, v = rand_qkv(chunks * b, seed=1)
+    sampled = core.sample_panel_tokens(12, 0.5, seed=2, step=0, layer=1, panels=range(b))
+    share = ~torch.eye(b, dtype=torch.bool)
+    out = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=w)
+    sums, counts = {}, {}
+    for s in range(b - w + 1):
+        for row, o in naive_csa(q, k, v, chunks, share, sampled, members=range(s, s + w)).items():
+            sums[row] = sums.get(row, 0) + o
+            counts[row] = counts.get(row, 0) + 1
+    assert counts[0] == 1 and counts[2] == 3  # edge panels sit in fewer windows
+    for row in sums:
+        torch.testing.assert_close(out[row].double(), sums[row] / counts[row], atol=1e-5, rtol=1e-5)
+    whole = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=0)
+    assert (out - whole).abs().max() > 1e-4
+    assert torch.equal(core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=b),
+                       whole)  # W >= B is one window
+
+
+def test_character_groups_and_no_character_panels(att):
+    from comfyui_storydiffusion.story.model import Character, Panel, Story
+
+    core = att[0]
+    story = Story(characters=(Character("Ann", "a girl"), Character("Bob", "a boy")),
+                  panels=(Panel("a", "", ("Ann",)), Panel("b", "", ("Bob",)), Panel("c", "", ("Ann", "Bob")),
+                          Panel("d", "", ()), Panel("e", "", ("Ann",))))
+    share = torch.tensor(story.share_mask())
+    b, chunks = 5, 1
+    q, k, v = rand_qkv(b, seed=2)
+    sampled = core.sample_panel_tokens(12, 0.5, seed=3, step=1, layer=2, panels=range(b))
+    out = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled)
+    ref = naive_csa(q, k, v, chunks, share, sampled)
+    for row, expected in ref.items():
+        torch.testing.assert_close(out[row].double(), expected, atol=1e-5, rtol=1e-5)
+    # the [NC] panel reads nothing: plain attention
+    torch.testing.assert_close(out[3], core.sdpa_attention(q[3:4], k[3:4], v[3:4], HEADS)[0], atol=1e-6, rtol=0)
+    # Ann's panel 0 does not read Bob's panel 1: changing panel 1 leaves it alone, changing panel 4 does not
+    k2 = k.clone()
+    k2[1] += 1.0
+    out2 = core.consistent_attention(q, k2, v, HEADS, chunks=chunks, share=share, sampled=sampled)
+    assert torch.equal(out2[0], out[0]) and not torch.equal(out2[2], out[2])
+
+
+def test_bank_read_equals_batch_write(att):
+    """Panel X alone reading the identity panels' stored tokens == X inside a batch with them."""
+    core = att[0]
+    b, chunks, ids = 3, 2, 2  # rows: identity 0, identity 1, panel X
+    q, k, v = rand_qkv(chunks * b, seed=3)
+    sampled = core.sample_panel_tokens(12, 0.5, seed=4, step=2, layer=5, panels=range(b))
+    share = ~torch.eye(b, dtype=torch.bool)
+    batch = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled)
+    # what a write run stores: the identity panels' sampled tokens per chunk
+    kc, vc = k.reshape(chunks, b, 12, -1), v.reshape(chunks, b, 12, -1)
+    bank_k = torch.stack([torch.stack([kc[c, p, sampled[p]] for p in range(ids)]) for c in range(chunks)])
+    bank_v = torch.stack([torch.stack([vc[c, p, sampled[p]] for p in range(ids)]) for c in range(chunks)])
+    rows_x = [2, 5]
+    bank = core.BankTokens(bank_k, bank_v, torch.ones(1, ids, dtype=torch.bool))
+    read = core.consistent_attention(q[rows_x], k[rows_x], v[rows_x], HEADS, chunks=chunks,
+                                     share=torch.zeros(1, 1, dtype=torch.bool), sampled=sampled[2:], bank=bank)
+    torch.testing.assert_close(read, batch[rows_x], atol=1e-5, rtol=1e-5)
+    # a panel reading no bank panel is plain attention
+    none = core.BankTokens(bank_k, bank_v, torch.zeros(1, ids, dtype=torch.bool))
+    plain = core.consistent_attention(q[rows_x], k[rows_x], v[rows_x], HEADS, chunks=chunks,
+                                      share=torch.zeros(1, 1, dtype=torch.bool), sampled=sampled[2:], bank=none)
+    torch.testing.assert_close(plain, core.sdpa_attention(q[rows_x], k[rows_x], v[rows_x], HEADS), atol=1e-6, rtol=0)
+
+
+def test_rate_zero_is_plain_attention(att):
+    core = att[0]
+    q, k, v = rand_qkv(6, seed=4)
+    sampled = core.sample_panel_tokens(12, 0.0, seed=0, step=0, layer=0, panels=range(3))
+    assert sampled.shape == (3, 0)
+    out = core.consistent_attention(q, k, v, HEADS, chunks=2, share=~torch.eye(3, dtype=torch.bool), sampled=sampled)
+    assert torch.equal(out, core.sdpa_attention(q, k, v, HEADS))
+
+
+def test_sampling_is_seeded_per_step_layer_and_panel(att):
+    core = att[0]
+    a = core.sample_tokens(100, 0.3, seed=5, step=2, layer=3, panel=4)
+    assert a.numel() == 30 and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 30
+    assert torch.equal(a, core.sample_tokens(100, 0.3, seed=5, step=2, layer=3, panel=4))
+    for other in [dict(seed=6, step=2, layer=3, panel=4), dict(seed=5, step=3, layer=3, panel=4),
+                  dict(seed=5, step=2, layer=4, panel=4), dict(seed=5, step=2, layer=3, panel=5)]:
+        assert not torch.equal(a, core.sample_tokens(100, 0.3, **other))
+    # a panel's tokens do not depend on which other panels are in the batch
+    batch = core.sample_panel_tokens(100, 0.3, seed=5, step=2, layer=3, panels=[1, 4, 9])
+    assert torch.equal(batch[1], a)
+
+
+def test_official_schedule(att):
+    _, schedule, _ = att
+    s = schedule.Schedule(official=True, seed=11)
+    layer = ("output", 3, 0)
+    assert not any(s.active(0, 5.0, ("output", i, 0)) for i in range(12))
+    early = [s.active(step, 5.0, ("output", i, j)) for step in range(1, 20) for i in range(12) for j in range(4)]
+    late = [s.active(step, 5.0, ("output", i, j)) for step in range(20, 50) for i in range(12) for j in range(4)]
+    assert 0.62 < sum(early) / len(early) < 0.78 and 0.85 < sum(late) / len(late) < 0.95
+    assert [s.active(st, 1.0, layer) for st in range(40)] == [s.active(st, 1.0, layer) for st in range(40)]
+    every = schedule.Schedule(start_sigma=10.0, end_sigma=2.0)
+    assert every.active(0, 5.0, layer) and not every.active(3, 11.0, layer) and not every.active(9, 1.0, layer)
+
+
+def test_step_index(att):
+    _, schedule, _ = att
+    sigmas = [14.6, 7.0, 3.0, 1.0, 0.0]
+    assert [schedule.step_index(s, sigmas) for s in sigmas[:-1]] == [0, 1, 2, 3]
+    assert schedule.step_index(5.0, sigmas) == 1  # a mid-step call belongs to the step it refines
+    assert schedule.step_index(0.5, sigmas) == 3
+
+
+def test_layer_selection(att):
+    _, schedule, _ = att
+    layers = [("input", 1, 0), ("input", 7, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 0, 1), ("output", 4, 0)]
+    assert schedule.select_layers(layers, schedule.LAYERS_OUTPUT) == layers[3:]
+    assert schedule.select_layers(layers, schedule.LAYERS_ALL) == layers
+    assert schedule.select_layers(layers, schedule.LAYERS_CUSTOM, "middle, output 0.1, input 2-9") == \
+        [("input", 7, 0), ("middle", 0, 0), ("output", 0, 1)]
+    with pytest.raises(ValueError, match="entry 2 'outptu 3'"):
+        schedule.select_layers(layers, schedule.LAYERS_CUSTOM, "output 1, outptu 3")
+    with pytest.raises(ValueError, match="matches no transformer block"):
+        schedule.select_layers(layers, schedule.LAYERS_CUSTOM, "output 11")
+
+
+def _filled_bank(bank_mod, storage="cpu"):
+    bank = bank_mod.IdentityBank(storage=storage, dtype="fp16")
+    writer = bank.begin_write([0, 2], [("Ann",), ("Bob",)], [3.0, 1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        kv = torch.randn(2, 2, 2, 5, 16, generator=g)  # k/v, chunks, panels, tokens, dim
+        writer.put(step, ("output", 3, 0), [0, 1], kv[0], kv[1], num_tokens=10, device=torch.device("cpu"))
+    assert bank.empty  # nothing visible before the run completes
+    writer.commit()
+    return bank
+
+
+def test_bank_lookup_and_errors(att):
+    _, _, bank_mod = att
+    bank = _filled_bank(bank_mod)
+    assert bank.panels == (0, 2) and next(iter(bank.entries.values()))[0].dtype == torch.float16
+    bank.check_run([3.0, 1.0, 0.0])
+    reads = bank.reads_for(3, [("Ann",), ("Ann", "Bob"), ()])
+    assert bank.reads_for(2).all() and bank.reads_for(2).shape == (2, 2)  # no story: every bank panel
+    assert reads.tolist() == [[True, False], [True, True], [False, False]]
+    tokens = bank.tokens(1, ("output", 3, 0), [1, 0], 10, reads)
+    assert tokens.k.shape == (2, 2, 5, 16)
+    assert torch.equal(tokens.k[0], bank.entries[(1, ("output", 3, 0), 1)][0])
+    with pytest.raises(bank_mod.BankError, match="2 sampling steps, this run has 3"):
+        bank.check_run([3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(bank_mod.BankError, match="another resolution"):
+        bank.tokens(0, ("output", 3, 0), [0], 40, reads)
+    with pytest.raises(bank_mod.BankError, match="no tokens for layer output.4.0"):
+        bank.tokens(0, ("output", 4, 0), [0], 10, reads)
+    with pytest.raises(bank_mod.BankError, match="empty"):
+        bank_mod.IdentityBank().check_run([1.0, 0.0])
+
+
+def test_bank_file_round_trip(att, tmp_path):
+    _, _, bank_mod = att
+    bank = _filled_bank(bank_mod)
+    path = tmp_path / "ann_bob.safetensors"
+    bank.save(str(path))
+    loaded = bank_mod.IdentityBank.load(str(path))
+    assert loaded.panels == bank.panels and loaded.characters == bank.characters
+    assert loaded.sample_sigmas == bank.sample_sigmas and loaded.layer_tokens == bank.layer_tokens
+    assert loaded.entries.keys() == bank.entries.keys()
+    assert all(torch.equal(loaded.entries[key][i], bank.entries[key][i]) for key in bank.entries for i in (0, 1))
+    assert [p.name for p in tmp_path.iterdir()] == ["ann_bob.safetensors"]  # no temp file left
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(bank_mod.BankError, match="not a StoryDiffusion identity bank"):
+        bank_mod.IdentityBank.load(str(tmp_path / "other.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(bank_mod.BankError, match="cannot read identity bank broken.safetensors"):
+        bank_mod.IdentityBank.load(str(tmp_path / "broken.safetensors"))
