@@ -76,7 +76,6 @@ def make_unet(device):
     import comfy.supported_models
 
     config = tiny_models.sd15_unet_config(width=320, context_dim=768)
-    config["transformer_depth_output"] = [1] * 9 + [0] * 3  # ComfyUI order: output 3-11 carry attention
     sd15 = comfy.supported_models.SD15(config)
     sd15.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
     model = sd15.get_model({})

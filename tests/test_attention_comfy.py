@@ -21,20 +21,8 @@ def csa(pack, comfy_nodes):
 
 
 def make_sd15(seed: int = 1, **kw):
-    """tiny_models' SD1.5 layout with transformer_depth_output in ComfyUI's order (highest resolution
-    first, as model_detection writes it): transformers at output 3-11 like the real SD1.5."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = tiny_models.sd15_unet_config(**kw)
-    unet_config["transformer_depth_output"] = [1] * 9 + [0] * 3
-    config = comfy.supported_models.SD15(unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    tiny_models.init_weights(model.diffusion_model, seed)
-    model.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    """tiny_models' SD1.5 layout: transformers at input 1,2,4,5,7,8, middle, output 3-11."""
+    return tiny_models.make_model("sd15", seed=seed, **kw)
 
 
 @pytest.fixture(scope="module")
