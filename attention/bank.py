@@ -98,8 +98,8 @@ class IdentityBank:
     def check_run(self, sample_sigmas: Sequence[float]):
         """Raise a BankError unless this bank was written with the same sampling schedule."""
         if self.empty:
-            raise BankError("the identity bank is empty: run a KSampler on the MODEL of 'StoryDiffusion Identity Bank "
-                            "Write' first (connect its LATENT output to the 'after' input of the read node), or load a bank")
+            raise BankError("the identity bank is empty: run a KSampler on the MODEL of 'Identity Bank Write "
+                            "(StoryDiffusion)' first (connect its LATENT output to the 'after' input of the read node), or load a bank")
         sigmas = tuple(float(s) for s in sample_sigmas)
         if len(sigmas) != len(self.sample_sigmas):
             raise BankError(f"the identity bank was written with {len(self.sample_sigmas) - 1} sampling steps, this run has "
@@ -175,7 +175,7 @@ class IdentityBank:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise BankError(f"{os.path.basename(path)} is not a StoryDiffusion identity bank (its metadata has no "
-                                    f"format {FORMAT!r}); save banks with 'StoryDiffusion Save Identity Bank'")
+                                    f"format {FORMAT!r}); save banks with 'Save Identity Bank (StoryDiffusion)'")
                 header = json.loads(meta["bank"])
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except BankError:

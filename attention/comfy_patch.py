@@ -304,7 +304,7 @@ def config_of(model) -> CSAConfig:
     config = model.model_options.get("transformer_options", {}).get(CONFIG_KEY)
     if config is None:
         raise PatchError("this MODEL has no Consistent Self-Attention: connect the MODEL output of "
-                         "'StoryDiffusion Consistent Self-Attention' to this node")
+                         "'Consistent Self-Attention (StoryDiffusion)' to this node")
     return config
 
 

@@ -9,7 +9,6 @@ import importlib
 import pkgutil
 
 NODE_ID_PREFIX = "StoryDiffusion"
-CATEGORY = "StoryDiffusion"
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

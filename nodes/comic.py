@@ -113,4 +113,4 @@ class StoryDiffusionComicPage:
 
 
 NODE_CLASS_MAPPINGS = {"StoryDiffusionComicPage": StoryDiffusionComicPage}
-NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionComicPage": "StoryDiffusion Comic Page"}
+NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionComicPage": "Comic Page (StoryDiffusion)"}

@@ -105,7 +105,7 @@ class IdentityBankWrite:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The MODEL output of 'StoryDiffusion Consistent Self-Attention' (its settings "
+            "model": ("MODEL", {"tooltip": "The MODEL output of 'Consistent Self-Attention (StoryDiffusion)' (its settings "
                                            "and story decide the identity panels and what is stored)."}),
             "storage": (["cpu", "device"], {"default": "cpu",
                                             "tooltip": "Keep the bank in CPU memory (saves GPU memory) or on the sampling "
@@ -136,7 +136,7 @@ class IdentityBankRead:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The MODEL output of 'StoryDiffusion Consistent Self-Attention' (same settings "
+            "model": ("MODEL", {"tooltip": "The MODEL output of 'Consistent Self-Attention (StoryDiffusion)' (same settings "
                                            "as the identity run)."}),
             "bank": (BANK_TYPE, {"tooltip": "From 'Identity Bank Write' (after its KSampler ran) or 'Load Identity Bank'."}),
             "first_panel": ("INT", {"default": 0, "min": 0, "max": 100000,
@@ -217,9 +217,9 @@ NODE_CLASS_MAPPINGS = {
     "StoryDiffusionLoadIdentityBank": LoadIdentityBank,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "StoryDiffusionConsistentSelfAttention": "StoryDiffusion Consistent Self-Attention",
-    "StoryDiffusionIdentityBankWrite": "StoryDiffusion Identity Bank Write",
-    "StoryDiffusionIdentityBankRead": "StoryDiffusion Identity Bank Read",
-    "StoryDiffusionSaveIdentityBank": "StoryDiffusion Save Identity Bank",
-    "StoryDiffusionLoadIdentityBank": "StoryDiffusion Load Identity Bank",
+    "StoryDiffusionConsistentSelfAttention": "Consistent Self-Attention (StoryDiffusion)",
+    "StoryDiffusionIdentityBankWrite": "Identity Bank Write (StoryDiffusion)",
+    "StoryDiffusionIdentityBankRead": "Identity Bank Read (StoryDiffusion)",
+    "StoryDiffusionSaveIdentityBank": "Save Identity Bank (StoryDiffusion)",
+    "StoryDiffusionLoadIdentityBank": "Load Identity Bank (StoryDiffusion)",
 }

@@ -81,4 +81,4 @@ class StoryDiffusionStory:
 
 
 NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory}
-NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "StoryDiffusion Story (panels + captions)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "Story: panels + captions (StoryDiffusion)"}

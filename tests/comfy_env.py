@@ -24,6 +24,9 @@ def import_comfy():
     path = comfy_path()
     if path not in sys.path:
         sys.path.insert(0, path)
+    # ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, where comfy/utils.py would then shadow
+    # the top-level `utils` package; main.py imports that package first, so do the same.
+    import utils.install_util  # noqa: F401
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -3,6 +3,7 @@ layouts, per-run state, composition with other patches, the identity bank and th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -343,5 +344,5 @@ def test_nodes_in_a_prompt_write_save_load_read(comfy, comfy_nodes, checkpoint_f
     bad = _prompt(ckpt, {"write": {"class_type": "StoryDiffusionIdentityBankWrite",
                                    "inputs": {"model": ["ckpt", 0], "storage": "cpu", "dtype": "fp16"}}})
     bad.update(_sampler(["write", 0], 1, "ident"))
-    with pytest.raises(harness.PromptFailed, match="connect the MODEL output of 'StoryDiffusion Consistent Self-Attention'"):
+    with pytest.raises(harness.PromptFailed, match=re.escape("connect the MODEL output of 'Consistent Self-Attention (StoryDiffusion)'")):
         comfy.run(bad)
