@@ -16,7 +16,7 @@ SDXL_KEYS = ([("input", i, j) for i in (4, 5) for j in range(2)] + [("input", i,
              + [("middle", 0, j) for j in range(10)])
 SDXL_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
 
-# make_sd15_model() (width 32, mult 1,2,4,4) and tiny_models.make_model("sdxl") (width 32, mult 1,2,4, depth 2)
+# tiny_models.make_model("sd15") (width 32, mult 1,2,4,4) and make_model("sdxl") (width 32, mult 1,2,4, depth 2)
 TINY_SD15_WIDTHS = [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128]
 TINY_SD15_CONTEXT = 64
 TINY_SDXL_KEYS = ([("input", 4, 0), ("input", 5, 0)] + [("input", i, j) for i in (7, 8) for j in range(2)]
@@ -24,48 +24,6 @@ TINY_SDXL_KEYS = ([("input", 4, 0), ("input", 5, 0)] + [("input", i, j) for i in
                   + [("middle", 0, j) for j in range(2)])
 TINY_SDXL_WIDTHS = [64, 64] + [128] * 4 + [128] * 6 + [64] * 3 + [128] * 2
 TINY_SDXL_CONTEXT = 112
-
-
-@torch.no_grad()
-def fix_norms(patcher):
-    """Set every GroupNorm/LayerNorm to the identity affine map.
-
-    tiny_models.init_weights zeroes 1-D weights whose name lacks "norm"; UNet GroupNorms are named
-    `in_layers.0` / `out_layers.0` / `out.0`, so the tiny UNet's output is identically zero.
-    """
-    for module in patcher.model.diffusion_model.modules():
-        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-    return patcher
-
-
-def make_sdxl_model(seed: int = 0):
-    import tiny_models
-
-    return fix_norms(tiny_models.make_model("sdxl", seed))
-
-
-def make_sd15_model(seed: int = 0):
-    """Tiny SD1.5 with the real block layout (attn2 at output 3-11).
-
-    tiny_models.sd15_unet_config lists transformer_depth_output front-to-back, but ComfyUI pops it
-    from the end, so make_model("sd15") puts attention at output 0-8; this corrects the order.
-    """
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    import tiny_models
-
-    unet_config = tiny_models.sd15_unet_config()
-    unet_config["transformer_depth_output"] = [1] * 9 + [0] * 3
-    config = comfy.supported_models.SD15(unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    tiny_models.init_weights(model.diffusion_model, seed)
-    model.diffusion_model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    return fix_norms(patcher)
 
 
 def _tensor(shape, gen, device, dtype, std=None):

@@ -152,8 +152,11 @@ def test_lora_patches_a_clone_with_up_times_down(nodes_mod, photomaker):
 
 
 def test_ksampler_end_to_end_on_tiny_sdxl(comfy, comfy_nodes, checkpoint_files, models_dir, output_dir):
-    """Loader -> Fuse (delayed merge) -> KSampler -> SaveImage through ComfyUI's executor, on a
-    tiny SDXL checkpoint (real-size CLIP: the fuse is 768 + 1280 = 2048 wide, as in the real file)."""
+    """Loader -> Fuse -> KSampler -> SaveImage through ComfyUI's executor, on a tiny SDXL checkpoint
+    (real-size CLIP: the fuse is 768 + 1280 = 2048 wide, as in the real file).
+
+    start_merge is 0: with 2 steps any delay leaves the fused prompt only the last step (sigma 0.03),
+    where it moves the latent by ~1e-4 and the 8-bit image not at all (ranges: test_delayed_merge_...)."""
     name = "tiny_photomaker_2048.safetensors"
     F.write_photomaker(str(models_dir / "photomaker" / name),
                        F.photomaker_state_dict(seed=12, lora=False, proj=768, proj2=1280))
@@ -162,6 +165,9 @@ def test_ksampler_end_to_end_on_tiny_sdxl(comfy, comfy_nodes, checkpoint_files, 
     input_dir = folder_paths.get_input_directory()
     pixels = (F.reference_images(1, seed=1)[0].numpy() * 255).astype(np.uint8)
     Image.fromarray(pixels).save(os.path.join(input_dir, "ref0.png"))
+    # same bytes under another name: LoadImage's cache key changes, so Fuse and KSampler really rerun
+    Image.fromarray(pixels).save(os.path.join(input_dir, "ref0_copy.png"))
+    Image.fromarray(255 - pixels).save(os.path.join(input_dir, "ref1.png"))  # a clearly different photo
 
     def prompt(ref, prefix):
         return {
@@ -170,7 +176,7 @@ def test_ksampler_end_to_end_on_tiny_sdxl(comfy, comfy_nodes, checkpoint_files, 
             "3": {"class_type": "LoadImage", "inputs": {"image": ref}},
             "4": {"class_type": "StoryDiffusionPhotoMakerFuse", "inputs": {
                 "clip": ["1", 1], "photomaker": ["2", 0], "text": "a photo of a man img, smiling",
-                "trigger_word": "img", "start_merge": 0.5, "images": ["3", 0]}},
+                "trigger_word": "img", "start_merge": 0.0, "images": ["3", 0]}},
             "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
             "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
             "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
@@ -185,6 +191,7 @@ def test_ksampler_end_to_end_on_tiny_sdxl(comfy, comfy_nodes, checkpoint_files, 
         (image,) = outputs["9"]["images"]
         return np.asarray(Image.open(os.path.join(output_dir, image["subfolder"], image["filename"])))
 
-    first, repeat = run("ref0.png", "pm_a"), run("ref0.png", "pm_b")
+    first, repeat, other = run("ref0.png", "pm_a"), run("ref0_copy.png", "pm_b"), run("ref1.png", "pm_c")
     assert first.shape == (64, 64, 3) and first.std() > 0
     assert np.array_equal(first, repeat)  # same seed and photos: bit-identical
+    assert not np.array_equal(first, other)  # a different reference photo gives a different image

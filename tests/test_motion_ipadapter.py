@@ -20,7 +20,7 @@ def ipa(pack):
 
 @pytest.fixture(scope="module")
 def sd15(comfy_nodes):
-    model = fx.make_sd15_model()
+    model = tiny_models.make_model("sd15")
     clip = tiny_models.make_clip("sd15")
     encode = comfy_nodes.CLIPTextEncode()
     return types.SimpleNamespace(model=model, positive=encode.encode(clip, "a cat walking")[0],
@@ -29,7 +29,7 @@ def sd15(comfy_nodes):
 
 @pytest.fixture(scope="module")
 def sdxl(comfy_nodes):
-    model = fx.make_sdxl_model()
+    model = tiny_models.make_model("sdxl")
     clip = tiny_models.make_clip("sdxl")
     encode = comfy_nodes.CLIPTextEncode()
     return types.SimpleNamespace(model=model, positive=encode.encode(clip, "a dog")[0], negative=encode.encode(clip, "")[0])
