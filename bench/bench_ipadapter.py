@@ -50,7 +50,7 @@ def main():
 
     import ipadapter_fixtures as fx
     import tiny_models
-    from comfyui_storydiffusion.motion import ipadapter_comfy
+    from comfyui_storydiffusion.motion import comfy_adapter
 
     torch.manual_seed(0)
     model = tiny_models.make_model("sd15")
@@ -64,7 +64,7 @@ def main():
         plain_options = {"cond_or_uncond": [1, 0], "sigmas": sigma}
         for kind, (groups, tokens) in adapters.items():
             embeds = fx.frame_embeddings(frames, 32, tokens=tokens, seed=1)
-            patched = ipadapter_comfy.apply_per_frame_ipadapter(model, groups, embeds, None, 1.0, 0.0, 1.0)
+            patched = comfy_adapter.apply_per_frame_ipadapter(model, groups, embeds, None, 1.0, 0.0, 1.0)
             patched_options = {**patched.model_options["transformer_options"], **plain_options}
             forward_seconds(model, plain_options, x, sigma, context, 1)  # warm-up
             forward_seconds(patched, patched_options, x, sigma, context, 1)

@@ -378,16 +378,16 @@ def _tqdm_progress(total: int):
 
 def main(argv=None) -> TrainResult:
     args = parse_args(argv)
-    from . import comfy_motion
+    from . import comfy_adapter
 
-    comfy_motion.import_comfy(args.comfyui, cpu=args.device == "cpu")
-    clip_vision = comfy_motion.load_clip_vision_file(args.clip_vision)
+    comfy_adapter.import_comfy(args.comfyui, cpu=args.device == "cpu")
+    clip_vision = comfy_adapter.load_clip_vision_file(args.clip_vision)
     stat = os.stat(args.clip_vision)
     tag = f"{os.path.abspath(args.clip_vision)}:{stat.st_size}:{int(stat.st_mtime)}"
     options = options_from_args(args)
     progress, bar = _tqdm_progress(options.steps)
     try:
-        return train(args.videos, comfy_motion.clip_vision_encoder(clip_vision, options.kind), args.out, options,
+        return train(args.videos, comfy_adapter.clip_vision_encoder(clip_vision, options.kind), args.out, options,
                      encoder_tag=tag, cache_dir=args.cache, resume=not args.no_resume, progress=progress)
     finally:
         if bar is not None:

@@ -20,14 +20,14 @@ class IPAdapterLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..motion.ipadapter_comfy import ipadapter_filenames
+        from ..motion.comfy_adapter import ipadapter_filenames
 
         return {"required": {"ipadapter_file": (ipadapter_filenames(), {
             "tooltip": "An IP-Adapter file in models/ipadapter, e.g. ip-adapter_sd15.safetensors or "
                        "ip-adapter-plus_sdxl_vit-h.safetensors (.safetensors or .bin)."})}}
 
     def load(self, ipadapter_file):
-        from ..motion.ipadapter_comfy import load_ipadapter
+        from ..motion.comfy_adapter import load_ipadapter
 
         return (load_ipadapter(ipadapter_file),)
 
@@ -74,7 +74,7 @@ class PerFrameSemanticConditioning:
     def apply(self, model, ipadapter, weight, start_percent, end_percent, clip_vision_output=None, embeds=None,
               negative_embeds=None):
         from ..motion.ipadapter import IPAdapterSpec, inspect_ipadapter
-        from ..motion.ipadapter_comfy import apply_per_frame_ipadapter, unwrap_ipadapter
+        from ..motion.comfy_adapter import apply_per_frame_ipadapter, unwrap_ipadapter
 
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): swap them.")

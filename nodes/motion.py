@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ._common import CATEGORY
 
-PREDICTOR_TYPE = "STORYDIFFUSION_MOTION_PREDICTOR"  # motion.comfy_motion.LoadedPredictor
+PREDICTOR_TYPE = "STORYDIFFUSION_MOTION_PREDICTOR"  # motion.comfy_adapter.LoadedPredictor
 EMBEDS_TYPE = "EMBEDS"  # IPAdapter_plus's raw embedding tensor: [frames, D] pooled, [frames, T, D] penultimate
 MAX_FRAMES = 1024
 
@@ -19,14 +19,14 @@ class MotionPredictorLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..motion.comfy_motion import NONE, predictor_filenames
+        from ..motion.comfy_adapter import NONE, predictor_filenames
 
         return {"required": {"predictor_name": ([NONE] + predictor_filenames(), {
             "tooltip": "A predictor file in models/storydiffusion (its config is stored in the file). "
                        "'none' = plain interpolation, no weights needed."})}}
 
     def load(self, predictor_name):
-        from ..motion.comfy_motion import load_predictor_by_name
+        from ..motion.comfy_adapter import load_predictor_by_name
 
         return (load_predictor_by_name(predictor_name),)
 
@@ -79,7 +79,7 @@ class SemanticMotionPredictor:
         }
 
     def predict(self, clip_vision, start, frames, interpolation, embeddings, end=None, predictor=None, crop="center"):
-        from ..motion.comfy_motion import predict_motion
+        from ..motion.comfy_adapter import predict_motion
 
         if frames < 2:
             raise ValueError(f"frames must be at least 2 (the start and the end frame), got {frames}.")
@@ -126,7 +126,7 @@ class TrainMotionPredictor:
 
     def train(self, clip_vision, videos_folder, predictor_name, embeddings, clip_frames, steps, batch_size,
               learning_rate, width, layers, heads, seed):
-        from ..motion.comfy_motion import train_into_model_folder
+        from ..motion.comfy_adapter import train_into_model_folder
         from ..motion.train import TrainOptions
 
         options = TrainOptions(kind=embeddings, frames=clip_frames, steps=steps, batch_size=batch_size,

@@ -117,7 +117,7 @@ class StoryDiffusionVideoCombine:
 
     def combine(self, images, fps, format, quality, loop_count, pingpong, filename_prefix,
                 prompt=None, extra_pnginfo=None):
-        from ..motion import comfy_video
+        from ..motion import comfy_adapter
 
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
             raise ValueError("Video Combine got an empty IMAGE batch: there are no frames to encode. "
@@ -125,15 +125,15 @@ class StoryDiffusionVideoCombine:
         core.pick_codec(format)  # unsupported format: fail before creating any file
         order = core.playback_order(images.shape[0], pingpong)
         height, width = images.shape[1:3]
-        path, file, subfolder = comfy_video.output_path(filename_prefix, format, width, height)
+        path, file, subfolder = comfy_adapter.output_path(filename_prefix, format, width, height)
         written = core.write_video(core.frames_as_uint8(images, order), path, format, fps, quality=quality,
-                                   loop=loop_count, metadata=comfy_video.saved_metadata(prompt, extra_pnginfo),
-                                   on_frame=comfy_video.progress_bar(len(order)))
+                                   loop=loop_count, metadata=comfy_adapter.saved_metadata(prompt, extra_pnginfo),
+                                   on_frame=comfy_adapter.progress_bar(len(order)))
         if format in ("mp4", "webm"):
-            video = comfy_video.video_from_file(written.path)
+            video = comfy_adapter.video_from_file(written.path)
         else:  # FFmpeg cannot decode animated webp, and core SaveVideo cannot remux gif: hand over the frames
             frames = images[..., :3] if not pingpong else images[order][..., :3]
-            video = comfy_video.video_from_frames(frames, written.fps)
+            video = comfy_adapter.video_from_frames(frames, written.fps)
         # the frontend plays .mp4/.webm in a <video> and animated webp as an image when "animated" is set;
         # a gif must be shown as a plain image to animate
         preview = {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}],

@@ -13,7 +13,7 @@ import tiny_models
 @pytest.fixture(scope="module")
 def ipa(pack):
     import comfyui_storydiffusion.motion.ipadapter as core
-    import comfyui_storydiffusion.motion.ipadapter_comfy as adapter
+    import comfyui_storydiffusion.motion.comfy_adapter as adapter
 
     return types.SimpleNamespace(core=core, comfy=adapter)
 
@@ -115,7 +115,7 @@ def test_wrong_family_names_both_sides(ipa, sd15):
     sd15_spec = ipa.core.inspect_ipadapter(fx.ipadapter_state_dict(fx.SD15_WIDTHS, 768, device="meta", clip_dim=1024))
     sdxl_sites = [ipa.comfy.CrossAttentionSite(k, 2048, w) for k, w in zip(fx.SDXL_KEYS, fx.SDXL_WIDTHS)]
     with pytest.raises(ipa.core.IPAdapterFormatError, match=r"for SD1\.5 .*model is SDXL"):
-        ipa.comfy.check_compatible(types.SimpleNamespace(spec=sd15_spec), sdxl_sites)
+        ipa.comfy.check_ipadapter_fits(types.SimpleNamespace(spec=sd15_spec), sdxl_sites)
     # tiny models: the SDXL-layout adapter on the SD1.5 model
     with pytest.raises(ipa.core.IPAdapterFormatError, match="112-wide.*64"):
         ipa.comfy.apply_per_frame_ipadapter(sd15.model, fx.tiny_ipadapter("sdxl"), fx.frame_embeddings(2),

@@ -176,7 +176,7 @@ def test_every_input_has_a_tooltip(pack):
 
 
 def test_train_node_writes_a_predictor_the_loader_lists(pack, comfy, test_nodes, models_dir, tmp_path):
-    from comfyui_storydiffusion.motion.comfy_motion import predictor_filenames
+    from comfyui_storydiffusion.motion.comfy_adapter import predictor_filenames
     from comfyui_storydiffusion.motion.predictor import read_metadata
 
     videos = tmp_path / "videos"

@@ -54,7 +54,7 @@ def small_options(train, **kw):
 
 
 def encoder(pack, clip_vision, kind):
-    from comfyui_storydiffusion.motion.comfy_motion import clip_vision_encoder
+    from comfyui_storydiffusion.motion.comfy_adapter import clip_vision_encoder
 
     return clip_vision_encoder(clip_vision, kind)
 
@@ -119,12 +119,12 @@ def test_training_input_errors(pack, train, clip_vision, tmp_path):
 def test_command_line_trains_and_writes_a_loadable_file(pack, train, clip_vision, orbit_videos, tmp_path, monkeypatch):
     """`main()` end to end, except that the CLIP vision file is the in-process tiny model
     (ComfyUI's loader only knows full-size ViT-L/H/G files)."""
-    import comfyui_storydiffusion.motion.comfy_motion as comfy_motion
+    import comfyui_storydiffusion.motion.comfy_adapter as comfy_adapter
     from comfyui_storydiffusion.motion.predictor import load_predictor
 
     fake_file = tmp_path / "tiny_clip_vision.safetensors"
     fake_file.write_bytes(b"stand-in")
-    monkeypatch.setattr(comfy_motion, "load_clip_vision_file", lambda path: clip_vision)
+    monkeypatch.setattr(comfy_adapter, "load_clip_vision_file", lambda path: clip_vision)
     out = tmp_path / "models" / "motion.safetensors"
     with one_thread():
         result = train.main(["--videos", orbit_videos, "--clip-vision", str(fake_file), "--out", str(out),
