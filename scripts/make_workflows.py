@@ -246,6 +246,7 @@ class Workflow:
     description: str
     outputs: tuple  # file extensions the run must write, e.g. (".png",)
     shipped: bool = True  # False: test-only (not written to workflows/)
+    video_frames: int | None = None  # frames the written video must decode to (video workflows)
 
 
 SD15_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15")
@@ -319,13 +320,16 @@ STORY_CHARACTERS = "\n".join([
     "[Mia] a young woman with short red hair, green raincoat",
     "[Leo] an old man with a white beard, blue sweater",
 ])
+# Identity panels first: with identity_panels=2 the story's identity panels are 0-3 (Mia, Mia, Leo, Leo),
+# which is what the identity KSampler samples: ComfyUI hands a KSampler the first `batch` rows of a
+# batched CONDITIONING, so the identity batch gets exactly these panels' prompts.
 STORY_PANELS = "\n".join([
     "[Mia] wakes up in a small attic room # Monday.",
     "[Mia] drinks coffee by the window # Rain again.",
+    "[Leo] walks his dog in the rain # Same as every day.",
+    "[Leo] buys a newspaper at the kiosk",
     "[NC] a rainy city street at dawn",
     "[Mia] waits at a bus stop with an umbrella",
-    "[Leo] walks his dog in the rain # Same as every day.",
-    "[Leo] sits down at the bus stop",
     "[Mia] and [Leo] share the umbrella # \"Is this seat taken?\"",
     "[NC] a red bus driving through puddles",
     "[Mia] and [Leo] laugh on the bus",
@@ -333,20 +337,56 @@ STORY_PANELS = "\n".join([
     "[Mia] waves goodbye at her stop # See you tomorrow!",
     "[NC] the sun breaks through the clouds over the city # The End.",
 ])
+STORY_IDENTITY_PANELS = 2  # per character
+STORY_IDENTITY_BATCH = 4  # 2 characters x 2: panels 0-3
 
 
 def story_characters(b: WorkflowBuilder) -> None:
-    """Two characters, [NC] panels, 12 panels in a sliding window, identity panels first."""
-    b.note("## Two characters, twelve panels\nEach character is defined once (`[Name] description`); `[NC]` "
-           "panels show no character and share nothing. **identity_panels** = the first panels of each character "
-           "that fix its look; **window_size** 4 keeps memory flat however long the story is.\n\n" + SIZE_NOTE,
-           0, height=300)
+    """Two characters, [NC] panels, 12 panels: identity panels write the identity bank, the story reads it."""
+    b.note("## Two characters, twelve panels, identity bank\nEach character is defined once (`[Name] description`); "
+           "`[NC]` panels show no character and share nothing.\n\n**1. Identity run:** the first "
+           "**identity_panels** panels of each character (here panels 1–4: put them first in the story) are sampled "
+           "together with **Identity Bank Write**, which stores the tokens they share. Its latent batch size must be "
+           "the number of identity panels (characters × identity_panels).\n\n**2. Story run:** **Identity Bank "
+           "Read** makes every panel attend to the stored tokens of its characters, so the look set in the identity "
+           "run carries through all twelve panels. Its `after` input orders the runs.\n\n" + SIZE_NOTE,
+           0, height=420)
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
-    _story_to_page(b, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"),
-                   {"characters": STORY_CHARACTERS, "panels": STORY_PANELS, "identity_panels": 2,
-                    "style": "Japanese Anime"},
-                   "storydiffusion/story_characters", TEST_SIZE,
-                   {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768}, {"window_size": 4})
+    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
+                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
+                  width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
+    write = b.add("StoryDiffusionIdentityBankWrite", 2)
+    identity_latent = b.add("EmptyLatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE,
+                                                     "batch_size": STORY_IDENTITY_BATCH}, title="Identity panels latent")
+    identity_sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (identity run)")
+    read = b.add("StoryDiffusionIdentityBankRead", 3, {"first_panel": 0})
+    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE}, title="Story panels latent")
+    sampler = b.add("KSampler", 3, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
+    decode = b.add("VAEDecode", 4)
+    page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
+    save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_characters"})
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "MODEL", csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(csa, "model", write, "model")
+    b.connect(write, "model", identity_sampler, "model")
+    b.connect(story, "positive", identity_sampler, "positive")
+    b.connect(story, "negative", identity_sampler, "negative")
+    b.connect(identity_latent, 0, identity_sampler, "latent_image")
+    b.connect(csa, "model", read, "model")
+    b.connect(write, "bank", read, "bank")
+    b.connect(identity_sampler, 0, read, "after")
+    b.connect(story, "panel_count", latent, "batch_size")
+    b.connect(read, "model", sampler, "model")
+    b.connect(story, "positive", sampler, "positive")
+    b.connect(story, "negative", sampler, "negative")
+    b.connect(latent, 0, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(ckpt, "VAE", decode, "vae")
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
 
 
 PHOTOMAKER_FILE = ModelFile("photomaker", "photomaker-v1.bin", "photomaker")
@@ -401,13 +441,76 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
     b.connect(page, "pages", save, "images")
 
 
+CLIP_VISION_FILE = ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_vit_l")
+IPADAPTER_SD15_FILE = ModelFile("ipadapter", "ip-adapter_sd15.safetensors", "ipadapter_sd15")
+VIDEO_PANELS = 3
+VIDEO_FRAMES_PER_TRANSITION = 4
+# StoryVideo with overlap 1: adjacent transitions share their panel frame
+VIDEO_FRAMES = (VIDEO_PANELS - 1) * VIDEO_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+
+
+def story_to_video(b: WorkflowBuilder) -> None:
+    """Panels -> panel pairs -> semantic motion predictor -> per-frame IP-Adapter conditioning -> frames -> video."""
+    b.note("## Story panels to video (SD1.5 + IP-Adapter)\nLoad your panels in order (e.g. from a comic run). "
+           "**Panel Pairs** turns them into transitions; for each one the **Semantic Motion Predictor** encodes "
+           "both panels with CLIP vision and predicts one embedding per frame, **Per-Frame Semantic Conditioning** "
+           "makes latent frame *j* follow embedding *j*, and **Story Video** joins the transitions.\n\n"
+           "Files: an SD1.5 checkpoint, `ip-adapter_sd15.safetensors` in `models/ipadapter`, its CLIP vision "
+           "model (ViT-H) in `models/clip_vision`. A trained predictor (Motion Predictor Loader) can be connected "
+           "to **predictor**; unconnected = training-free interpolation.\n\n"
+           "**Before a real run:** 512×512, 25+ steps, 16 frames per transition.", 0, height=340)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
+    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
+              for i in range(VIDEO_PANELS)]
+    batch = panels[0]
+    for panel in panels[1:]:
+        joined = b.add("ImageBatch", 2)
+        b.connect(batch, "IMAGE", joined, "image1")
+        b.connect(panel, "IMAGE", joined, "image2")
+        batch = joined
+    pairs = b.add("StoryDiffusionPanelPairs", 2)
+    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
+                   {"frames": VIDEO_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
+    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": IPADAPTER_SD15_FILE})
+    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    pos = b.add("CLIPTextEncode", 4, {"text": "a comic character walking through a rainy city, comic book style"})
+    neg = b.add("CLIPTextEncode", 4, {"text": "blurry, watermark, text"})
+    latent = b.add("EmptyLatentImage", 4, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 5, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 5)
+    video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 8.0, "overlap": 1})
+    combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4", "filename_prefix": "storydiffusion/story_to_video"})
+    b.connect(batch, "IMAGE", pairs, "panels")
+    b.connect(clip_vision, 0, motion, "clip_vision")
+    b.connect(pairs, "start_images", motion, "start")
+    b.connect(pairs, "end_images", motion, "end")
+    b.connect(ckpt, "MODEL", per_frame, "model")
+    b.connect(ipadapter, 0, per_frame, "ipadapter")
+    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
+    b.connect(ckpt, "CLIP", pos, "clip")
+    b.connect(ckpt, "CLIP", neg, "clip")
+    b.connect(motion, "total_frames", latent, "batch_size")
+    b.connect(per_frame, "model", sampler, "model")
+    b.connect(pos, 0, sampler, "positive")
+    b.connect(neg, 0, sampler, "negative")
+    b.connect(latent, 0, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(ckpt, "VAE", decode, "vae")
+    b.connect(decode, 0, video, "segments")
+    b.connect(video, "frames", combine, "images")
+    b.connect(video, "fps", combine, "fps")
+
+
 WORKFLOWS: dict[str, Workflow] = {
     "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
     "comic_sd15": Workflow(comic_sd15, "Story -> Consistent Self-Attention -> KSampler -> comic page (SD1.5)", (".png",)),
-    "story_characters": Workflow(story_characters, "Two characters, [NC] panels, 12 panels, sliding window",
+    "story_characters": Workflow(story_characters, "Two characters, [NC] panels, 12 panels, identity bank",
                                  (".png",)),
     "comic_sdxl_photomaker": Workflow(comic_sdxl_photomaker, "Reference photos -> PhotoMaker ID fuse + "
                                       "Consistent Self-Attention (SDXL) -> comic page", (".png",)),
+    "story_to_video": Workflow(story_to_video, "Panels -> panel pairs -> semantic motion predictor -> per-frame "
+                               "IP-Adapter conditioning -> frames -> story video", (".mp4",), video_frames=VIDEO_FRAMES),
 }
 
 

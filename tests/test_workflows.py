@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from PIL import Image
 import comfy_env
 import harness
 import tiny_models
+import workflow_fixtures
 
 REPO = comfy_env.REPO
 DRIVER = os.path.join(REPO, "tests", "browser", "run_workflow.mjs")
@@ -89,6 +91,21 @@ def _prepare_user_dir(user_dir: str) -> None:
             f.write(text)
 
 
+def _python_with_fp32_encoders(folder) -> str:
+    """The venv python, but every ComfyUI it starts gets `--fp32-text-enc`.
+
+    On CPU ComfyUI keeps text encoders and CLIP vision in fp16, which CPU matmuls run ~3x slower than
+    fp32; the tiny checkpoints keep the *full-size* CLIP-L/CLIP-G text encoders and the video workflow
+    needs a full ViT-L, so encoding dominated the run. harness.ComfyServer has no extra-arguments
+    parameter, so this wraps the interpreter it starts (`main.py ... --fp32-text-enc`).
+    """
+    wrapper = os.path.join(str(folder), "python_fp32_text_enc.sh")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" "$@" --fp32-text-enc\n')
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     """A `main.py --cpu` ComfyUI with the pack, its own models folder and a prepared user folder."""
@@ -96,7 +113,7 @@ def ui_server(tmp_path_factory):
     models = root / "models"
     for name in harness.MODEL_FOLDERS:
         (models / name).mkdir(parents=True)
-    server = harness.ComfyServer(str(root / "server"), str(models))
+    server = harness.ComfyServer(str(root / "server"), str(models), python=_python_with_fp32_encoders(root))
     _prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
@@ -112,43 +129,71 @@ def object_info(ui_server):
 
 @pytest.fixture(scope="module")
 def model_files(ui_server, tmp_path_factory):
-    """`ensure(models)` writes each {folder: {name: kind}} file once (the SDXL one is 2 GB: shared)."""
-    made: dict[str, str] = {}  # kind -> first path written
+    """`ensure(models)` writes each {folder: {name: kind}} file once for the whole module.
+
+    Checkpoints are written once per family into a cache and hard-linked under every name (the SDXL
+    one is 2 GB); the other writers get `checkpoint(family)` because their layer widths must match it.
+    """
+    made: dict[str, str] = {}  # family -> cached checkpoint path
     cache = tmp_path_factory.mktemp("model_cache")
+
+    def checkpoint(family: str) -> str:
+        if family not in made:
+            made[family] = tiny_models.write_checkpoint(str(cache / f"{family}.safetensors"), family)
+        return made[family]
 
     def write(kind: str, path: str) -> None:
         if kind in ("sd15", "sdxl"):
-            source = made.get(kind) or tiny_models.write_checkpoint(str(cache / f"{kind}.safetensors"), kind)
-            made[kind] = source
-            os.link(source, path)  # same file, no second copy
-        else:
-            writer = MODEL_WRITERS.get(kind)
-            if writer is None:
-                pytest.skip(f"no tiny-file writer for model kind {kind!r} (needed for {os.path.basename(path)})")
-            writer(path)
+            os.link(checkpoint(kind), path)  # same file, no second copy
+            return
+        writer = MODEL_WRITERS.get(kind)
+        if writer is None:
+            pytest.skip(f"no tiny-file writer for model kind {kind!r} (needed for {os.path.basename(path)})")
+        writer(path, checkpoint)
 
     def ensure(models: dict) -> None:
         for folder, files in models.items():
+            root = ui_server.input_dir if folder == "input" else os.path.join(ui_server.models_dir, folder)
             for name, kind in files.items():
-                path = os.path.join(ui_server.models_dir, folder, name)
+                path = os.path.join(root, name)
                 if not os.path.exists(path):
                     write(kind, path)
 
     return ensure
 
 
-def _write_photomaker(path: str) -> None:
-    identity_fixtures = pytest.importorskip("identity_fixtures", reason="tests/identity_fixtures.py is missing")
-    identity_fixtures.write_photomaker(path, identity_fixtures.photomaker_state_dict(seed=0))
+def _write_photomaker(path: str, checkpoint) -> None:
+    """PhotoMaker v1 sized to the SDXL checkpoint *file* (2048-wide text embeddings, its UNet's LoRA layers)."""
+    workflow_fixtures.write_sdxl_photomaker(path, checkpoint("sdxl"))
 
 
-def _write_reference_photo(path: str) -> None:
+def _write_ipadapter_sd15(path: str, checkpoint) -> None:
+    """A plain IP-Adapter reading ViT-L image embeddings, one to_k_ip/to_v_ip per attn2 of the SD1.5 file."""
+    workflow_fixtures.write_sd15_ipadapter(path, checkpoint("sd15"))
+
+
+def _write_clip_vision_vit_l(path: str, checkpoint) -> None:
+    workflow_fixtures.write_clip_vision_vit_l(path)
+
+
+def _write_reference_photo(path: str, checkpoint=None) -> None:
     """A reference photo in ComfyUI's input folder (LoadImage)."""
-    rng = np.random.default_rng(abs(hash(os.path.basename(path))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(os.path.basename(path).encode()))
     Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(path)
 
 
-MODEL_WRITERS = {"photomaker": _write_photomaker, "photo": _write_reference_photo}
+def _write_panel(path: str, checkpoint=None) -> None:
+    """A 64x64 story panel for LoadImage: a bright disc on a dark ground, placed by the file name."""
+    rng = np.random.default_rng(zlib.crc32(os.path.basename(path).encode()))
+    yy, xx = np.mgrid[0:64, 0:64]
+    cy, cx = rng.integers(16, 48, 2)
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < 14 ** 2)[..., None] * rng.integers(128, 255, 3)
+    ground = rng.integers(0, 60, (64, 64, 3))
+    Image.fromarray(np.maximum(disc, ground).astype(np.uint8)).save(path)
+
+
+MODEL_WRITERS = {"photomaker": _write_photomaker, "ipadapter_sd15": _write_ipadapter_sd15,
+                 "clip_vision_vit_l": _write_clip_vision_vit_l, "photo": _write_reference_photo, "panel": _write_panel}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,10 +262,7 @@ def check_outputs(server, outputs: dict, extensions: tuple) -> list[str]:
 
 def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: str | None, tmp_path) -> dict:
     builder = make_workflows.make_builder(name, object_info)
-    photos = builder.models.pop("input", {})
     model_files(builder.models)
-    for photo, kind in photos.items():
-        MODEL_WRITERS[kind](os.path.join(ui_server.input_dir, photo))
     if workflow_path is None:  # test-only workflow: built on the fly
         workflow_path = str(tmp_path / f"{name}.json")
         with open(workflow_path, "w") as f:
@@ -231,8 +273,20 @@ def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: 
     check_loaded_cleanly(report, workflow)
     check_queued_prompt(report, workflow)
     outputs = ui_server.wait(report["prompt_id"], timeout=600)
-    check_outputs(ui_server, outputs, make_workflows.WORKFLOWS[name].outputs)
+    spec = make_workflows.WORKFLOWS[name]
+    files = check_outputs(ui_server, outputs, spec.outputs)
+    if spec.video_frames is not None:
+        videos = [f for f in files if f.endswith((".mp4", ".webm"))]
+        assert [decoded_frame_count(v) for v in videos] == [spec.video_frames] * len(videos), videos
     return report
+
+
+def decoded_frame_count(path: str) -> int:
+    """Frames PyAV decodes from the file (a truncated or empty video decodes fewer)."""
+    import av
+
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,3 +341,16 @@ def test_builder_rejects_specs_that_do_not_match_the_nodes(object_info):
     decode = builder.add("VAEDecode")
     with pytest.raises(make_workflows.SpecError, match="cannot link"):
         builder.connect(latent, 0, decode, "vae")
+
+
+def test_story_characters_identity_run_covers_the_first_panels(pack):
+    """The identity KSampler gets the first `batch` rows of the story's CONDITIONING (ComfyUI truncates a
+    batched cond to the latent batch), so the story's identity panels must be exactly panels 0..batch-1."""
+    import comfyui_storydiffusion.story.parse as parse
+
+    story = parse.parse_story(make_workflows.STORY_CHARACTERS, make_workflows.STORY_PANELS,
+                              make_workflows.STORY_IDENTITY_PANELS)
+    identity = sorted({i for panels in story.identity_panels.values() for i in panels})
+    assert identity == list(range(make_workflows.STORY_IDENTITY_BATCH))
+    assert len(story.panels) >= 12 and len(story.identity_panels) >= 2
+    assert any(not panel.characters for panel in story.panels)  # [NC] panels

@@ -116,8 +116,11 @@ try {
     phase = 'queue';
     // the same code path as the Queue button: graphToPrompt(), widget callbacks, POST /prompt
     await page.evaluate(() => window.app.queuePrompt(0, 1));
-    await Promise.race([queued, new Promise((r) => setTimeout(r, args.timeout))]);
-  stage('queued');
+    // clear the timer afterwards: a pending setTimeout keeps Node alive until it fires (a 90 s idle wait)
+    let timer;
+    await Promise.race([queued, new Promise((r) => { timer = setTimeout(r, args.timeout); })]);
+    clearTimeout(timer);
+    stage('queued');
     report.prompt_id = report.queue_response && report.queue_response.prompt_id || null;
   }
 } finally {
