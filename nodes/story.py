@@ -80,5 +80,59 @@ class StoryDiffusionStory:
         return positive, negative_cond, captions, story, len(prompts)
 
 
-NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory}
-NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "Story: panels + captions (StoryDiffusion)"}
+class StoryDiffusionSelectPanels:
+    DESCRIPTION = (
+        "Picks some panels out of the Story node's conditioning batches, so a KSampler can sample only those: "
+        "the identity panels (for 'Identity Bank Write'), or a range of panels (for 'Identity Bank Read', "
+        "a few panels at a time). Outputs the batch size to use and the story index of the first panel."
+    )
+    CATEGORY = f"{CATEGORY}/story"
+    FUNCTION = "select"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT")
+    RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel")
+    OUTPUT_TOOLTIPS = (
+        "The selected panels' positive conditioning, in story order.",
+        "The selected panels' negative conditioning.",
+        "How many panels were selected: connect to the batch_size of Empty Latent Image.",
+        "Story index of the first selected panel: connect to 'first_panel' of Identity Bank Read.",
+    )
+    SELECTIONS = ("identity panels", "panel range")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "The positive output of the Story node."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative output of the Story node."}),
+                "story": (STORY_TYPE, {"tooltip": "The story output of the Story node."}),
+                "select": (list(cls.SELECTIONS), {
+                    "default": cls.SELECTIONS[0],
+                    "tooltip": "'identity panels': the panels the story marks as identity panels (sample them with "
+                               "the Identity Bank Write model). 'panel range': first_panel and count below."}),
+                "first_panel": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                        "tooltip": "For 'panel range': story index (0-based) of the first panel."}),
+                "count": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                  "tooltip": "For 'panel range': how many panels; 0 = up to the end of the story."}),
+            }
+        }
+
+    def select(self, positive, negative, story, select, first_panel, count):
+        total = len(story)
+        if select == self.SELECTIONS[0]:
+            rows = sorted({i for panels in story.identity_panels.values() for i in panels})
+            if not rows:
+                raise ValueError("the story has no identity panels: it names no character (only [NC] panels?)")
+        else:
+            if first_panel >= total:
+                raise ValueError(f"first_panel {first_panel} is past the end of the story ({total} panels, 0-{total - 1})")
+            end = total if count == 0 else first_panel + count
+            if end > total:
+                raise ValueError(f"panels {first_panel}-{end - 1} were asked for but the story has {total} panels "
+                                 f"(0-{total - 1}): lower first_panel or count")
+            rows = list(range(first_panel, end))
+        return (comfy_encode.select_rows(positive, rows), comfy_encode.select_rows(negative, rows), len(rows), rows[0])
+
+
+NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory, "StoryDiffusionSelectPanels": StoryDiffusionSelectPanels}
+NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "Story: panels + captions (StoryDiffusion)",
+                              "StoryDiffusionSelectPanels": "Select Story Panels (StoryDiffusion)"}

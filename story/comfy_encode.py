@@ -102,3 +102,25 @@ def encode_panels(clip, prompts: list[str], lines: list[int] | None = None) -> l
             cache[prompt] = encode_prompt(clip, prompt)
         per_panel.append(cache[prompt])
     return batch_conditioning(per_panel, lines)
+
+
+def select_rows(conditioning: list, rows: list[int]) -> list:
+    """The CONDITIONING of some panels of a story batch: row i of every batched tensor, in `rows` order.
+
+    Tensors whose first dimension is the batch (cond, pooled_output, ...) are indexed; everything else
+    (timestep ranges, sizes, hooks) is kept. A batch-1 CONDITIONING applies to every panel and is
+    returned unchanged.
+    """
+    out = []
+    for cond, options in conditioning:
+        batch = cond.shape[0]
+        if batch == 1:
+            out.append([cond, options])
+            continue
+        if max(rows) >= batch:
+            raise ConditioningError(f"panel {max(rows)} was asked for but this conditioning has {batch} panels")
+        index = torch.tensor(rows, dtype=torch.long, device=cond.device)
+        picked = {k: (v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch
+                      else v) for k, v in options.items()}
+        out.append([cond.index_select(0, index), picked])
+    return out

@@ -124,3 +124,24 @@ def test_each_latent_gets_its_own_panel_prompt(comfy_nodes, story_node, pack):
     assert torch.allclose(batched[0], first_only[0], atol=1e-5)
     assert (batched[1] - first_only[1]).abs().max() > 1e-3
     assert torch.equal(batched, sample(positive))  # deterministic
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_select_panels_picks_story_rows(comfy_nodes, story_node, clips, family):
+    """Identity panels / a panel range: exactly those rows of every batched tensor, other keys kept."""
+    select = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionSelectPanels"]()
+    panels = PANELS + "\n[Leo] reads a newspaper\n[Mia] runs in the rain"
+    positive, negative, _, story, count = story_node.build(clips[family], CHARACTERS, panels, "(No style)", "", 1)
+    assert story.identity_panels == {"Mia": (0,), "Leo": (1,)}
+    ((cond, extras),) = positive
+    for choice, first, n, rows in [("identity panels", 0, 0, [0, 1]), ("panel range", 2, 0, [2, 3, 4]),
+                                   ("panel range", 3, 1, [3])]:
+        pos, neg, picked, first_out = select.select(positive, negative, story, choice, first, n)
+        assert (picked, first_out) == (len(rows), rows[0])
+        ((p_cond, p_extras),), ((n_cond, _),) = pos, neg
+        assert torch.equal(p_cond, cond[rows]) and torch.equal(p_extras["pooled_output"], extras["pooled_output"][rows])
+        assert set(p_extras) == set(extras) and n_cond.shape[0] == len(rows)
+    with pytest.raises(ValueError, match="past the end of the story"):
+        select.select(positive, negative, story, "panel range", 5, 0)
+    with pytest.raises(ValueError, match="panels 3-5 were asked for but the story has 5 panels"):
+        select.select(positive, negative, story, "panel range", 3, 3)
