@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 
-from comfy_env import REPO, comfy_path
+from comfy_env import comfy_path
 
 MODEL_FOLDERS = ("checkpoints", "clip", "clip_vision", "vae", "loras", "photomaker", "ipadapter",
                  "storydiffusion", "text_encoders", "diffusion_models", "embeddings")
@@ -98,8 +98,9 @@ def write_extra_model_paths(models_dir: str, path: str) -> str:
 class ComfyServer:
     """`python main.py --cpu` in a subprocess, with this pack in custom_nodes (scripts/setup.sh links it)."""
 
-    def __init__(self, workdir: str, models_dir: str, python: str | None = None):
+    def __init__(self, workdir: str, models_dir: str, python: str | None = None, extra_args: tuple = ()):
         self.workdir = workdir
+        self.extra_args = tuple(extra_args)
         self.models_dir = models_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -116,7 +117,7 @@ class ComfyServer:
         cmd = [self.python, os.path.join(comfy_path(), "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--output-directory", self.output_dir, "--input-directory", self.input_dir,
                "--temp-directory", os.path.join(self.workdir, "temp"), "--user-directory", os.path.join(self.workdir, "user"),
-               "--extra-model-paths-config", extra, "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+               "--extra-model-paths-config", extra, "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args]
         self.log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)

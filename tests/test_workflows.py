@@ -91,19 +91,9 @@ def _prepare_user_dir(user_dir: str) -> None:
             f.write(text)
 
 
-def _python_with_fp32_encoders(folder) -> str:
-    """The venv python, but every ComfyUI it starts gets `--fp32-text-enc`.
-
-    On CPU ComfyUI keeps text encoders and CLIP vision in fp16, which CPU matmuls run ~3x slower than
-    fp32; the tiny checkpoints keep the *full-size* CLIP-L/CLIP-G text encoders and the video workflow
-    needs a full ViT-L, so encoding dominated the run. harness.ComfyServer has no extra-arguments
-    parameter, so this wraps the interpreter it starts (`main.py ... --fp32-text-enc`).
-    """
-    wrapper = os.path.join(str(folder), "python_fp32_text_enc.sh")
-    with open(wrapper, "w") as f:
-        f.write(f'#!/bin/sh\nexec "{sys.executable}" "$@" --fp32-text-enc\n')
-    os.chmod(wrapper, 0o755)
-    return wrapper
+# On CPU ComfyUI keeps text encoders in fp16, which CPU matmuls run ~3x slower than fp32; the tiny
+# checkpoints keep the *full-size* CLIP-L/CLIP-G text encoders, so encoding would dominate the run.
+FAST_CPU_ARGS = ("--fp32-text-enc",)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +103,7 @@ def ui_server(tmp_path_factory):
     models = root / "models"
     for name in harness.MODEL_FOLDERS:
         (models / name).mkdir(parents=True)
-    server = harness.ComfyServer(str(root / "server"), str(models), python=_python_with_fp32_encoders(root))
+    server = harness.ComfyServer(str(root / "server"), str(models), extra_args=FAST_CPU_ARGS)
     _prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
