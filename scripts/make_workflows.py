@@ -320,9 +320,9 @@ STORY_CHARACTERS = "\n".join([
     "[Mia] a young woman with short red hair, green raincoat",
     "[Leo] an old man with a white beard, blue sweater",
 ])
-# Identity panels first: with identity_panels=2 the story's identity panels are 0-3 (Mia, Mia, Leo, Leo),
-# which is what the identity KSampler samples: ComfyUI hands a KSampler the first `batch` rows of a
-# batched CONDITIONING, so the identity batch gets exactly these panels' prompts.
+# Identity panels first: with identity_panels=2 the story's identity panels are 0-3 (Mia, Mia, Leo, Leo), so
+# the identity run ("identity panels") and the story run ("panel range" from panel 4 to the end) together
+# cover every panel once, and joining their images (identity first) gives the story order.
 STORY_PANELS = "\n".join([
     "[Mia] wakes up in a small attic room # Monday.",
     "[Mia] drinks coffee by the window # Rain again.",
@@ -339,54 +339,84 @@ STORY_PANELS = "\n".join([
 ])
 STORY_IDENTITY_PANELS = 2  # per character
 STORY_IDENTITY_BATCH = 4  # 2 characters x 2: panels 0-3
+STORY_RUN_FIRST_PANEL = STORY_IDENTITY_BATCH  # the story run samples panels 4-11 (count 0 = to the end)
 
 
 def story_characters(b: WorkflowBuilder) -> None:
-    """Two characters, [NC] panels, 12 panels: identity panels write the identity bank, the story reads it."""
+    """Two characters, [NC] panels, 12 panels: the identity run samples only the identity panels and writes the
+    identity bank; the story run samples only the other panels and reads it; the page joins both runs."""
     b.note("## Two characters, twelve panels, identity bank\nEach character is defined once (`[Name] description`); "
-           "`[NC]` panels show no character and share nothing.\n\n**1. Identity run:** the first "
-           "**identity_panels** panels of each character (here panels 1–4: put them first in the story) are sampled "
-           "together with **Identity Bank Write**, which stores the tokens they share. Its latent batch size must be "
-           "the number of identity panels (characters × identity_panels).\n\n**2. Story run:** **Identity Bank "
-           "Read** makes every panel attend to the stored tokens of its characters, so the look set in the identity "
-           "run carries through all twelve panels. Its `after` input orders the runs.\n\n" + SIZE_NOTE,
-           0, height=420)
+           "`[NC]` panels show no character and share nothing. The panels are sampled in two smaller runs instead of "
+           "one batch of twelve, so memory grows with the identity panels, not with the story.\n\n"
+           "**1. Identity run (panels 1–4):** **Select Story Panels** (`identity panels`) picks the first "
+           "**identity_panels** panels of each character (put them first in the story) and their batch size; they are "
+           "sampled together with **Identity Bank Write**, which stores the tokens they share.\n\n"
+           "**2. Story run (panels 5–12):** **Select Story Panels** (`panel range`, first_panel 4, count 0 = to the "
+           "end) picks the other panels; its `first_panel` tells **Identity Bank Read** which story panel each latent "
+           "is, so every panel attends to the stored tokens of its characters. Its `after` input (the identity "
+           "LATENT) runs the identity run first. Lower `count` and raise `first_panel` to sample a few panels at a "
+           "time.\n\n**Page:** Batch Images joins both runs in story order (identity panels first), Comic Page "
+           "captions them. **Save Identity Bank** keeps the characters for another session (Load Identity Bank).\n\n"
+           + SIZE_NOTE, 0, height=620, width=380)
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
     story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
                                              "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
                   width=420)
     csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
+    # identity run
+    identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
+                            title="Select Story Panels (identity run)")
     write = b.add("StoryDiffusionIdentityBankWrite", 2)
-    identity_latent = b.add("EmptyLatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE,
-                                                     "batch_size": STORY_IDENTITY_BATCH}, title="Identity panels latent")
+    identity_latent = b.add("EmptyLatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE},
+                            title="Identity panels latent")
     identity_sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (identity run)")
-    read = b.add("StoryDiffusionIdentityBankRead", 3, {"first_panel": 0})
+    identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    # story run: another seed, else its first panels would start from the identity panels' noise
+    story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panel range", "first_panel": STORY_RUN_FIRST_PANEL,
+                                                          "count": 0}, title="Select Story Panels (story run)")
+    read = b.add("StoryDiffusionIdentityBankRead", 3)
     latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE}, title="Story panels latent")
-    sampler = b.add("KSampler", 3, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
-    decode = b.add("VAEDecode", 4)
+    sampler = b.add("KSampler", 3, {"seed": 43, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
+    decode = b.add("VAEDecode", 3, title="VAE Decode (story run)")
+    # page
+    panels = b.add("ImageBatch", 4, title="Batch Images (identity + story panels)")
     page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
     save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_characters"})
+    save_bank = b.add("StoryDiffusionSaveIdentityBank", 4, {"filename_prefix": "storydiffusion/story_characters_bank"})
+
     b.connect(ckpt, "CLIP", story, "clip")
     b.connect(ckpt, "MODEL", csa, "model")
     b.connect(story, "story", csa, "story")
+    for select in (identity_select, story_select):
+        b.connect(story, "positive", select, "positive")
+        b.connect(story, "negative", select, "negative")
+        b.connect(story, "story", select, "story")
     b.connect(csa, "model", write, "model")
+    b.connect(identity_select, "panel_count", identity_latent, "batch_size")
     b.connect(write, "model", identity_sampler, "model")
-    b.connect(story, "positive", identity_sampler, "positive")
-    b.connect(story, "negative", identity_sampler, "negative")
+    b.connect(identity_select, "positive", identity_sampler, "positive")
+    b.connect(identity_select, "negative", identity_sampler, "negative")
     b.connect(identity_latent, 0, identity_sampler, "latent_image")
+    b.connect(identity_sampler, 0, identity_decode, "samples")
+    b.connect(ckpt, "VAE", identity_decode, "vae")
     b.connect(csa, "model", read, "model")
     b.connect(write, "bank", read, "bank")
+    b.connect(story_select, "first_panel", read, "first_panel")
     b.connect(identity_sampler, 0, read, "after")
-    b.connect(story, "panel_count", latent, "batch_size")
+    b.connect(story_select, "panel_count", latent, "batch_size")
     b.connect(read, "model", sampler, "model")
-    b.connect(story, "positive", sampler, "positive")
-    b.connect(story, "negative", sampler, "negative")
+    b.connect(story_select, "positive", sampler, "positive")
+    b.connect(story_select, "negative", sampler, "negative")
     b.connect(latent, 0, sampler, "latent_image")
     b.connect(sampler, 0, decode, "samples")
     b.connect(ckpt, "VAE", decode, "vae")
-    b.connect(decode, 0, page, "images")
+    b.connect(identity_decode, 0, panels, "image1")
+    b.connect(decode, 0, panels, "image2")
+    b.connect(panels, 0, page, "images")
     b.connect(story, "captions", page, "captions")
     b.connect(page, "pages", save, "images")
+    b.connect(write, "bank", save_bank, "bank")
+    b.connect(identity_sampler, 0, save_bank, "after")
 
 
 PHOTOMAKER_FILE = ModelFile("photomaker", "photomaker-v1.bin", "photomaker")

@@ -250,7 +250,9 @@ def check_outputs(server, outputs: dict, extensions: tuple) -> list[str]:
     return files
 
 
-def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: str | None, tmp_path) -> dict:
+def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: str | None,
+                 tmp_path) -> tuple[dict, dict, list[str]]:
+    """(the browser report, the prompt's outputs, the files they name)."""
     builder = make_workflows.make_builder(name, object_info)
     model_files(builder.models)
     if workflow_path is None:  # test-only workflow: built on the fly
@@ -268,7 +270,74 @@ def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: 
     if spec.video_frames is not None:
         videos = [f for f in files if f.endswith((".mp4", ".webm"))]
         assert [decoded_frame_count(v) for v in videos] == [spec.video_frames] * len(videos), videos
-    return report
+    return report, outputs, files
+
+
+def _linked(prompt: dict, node: dict, input_name: str, class_type: str | None = None) -> tuple[str, int]:
+    """(source node id, output slot) of a linked input of an API-prompt node; checks the source's type."""
+    link = node["inputs"].get(input_name)
+    assert isinstance(link, list), f"{node['class_type']}.{input_name} is not linked: {link!r}"
+    if class_type is not None:
+        assert prompt[link[0]]["class_type"] == class_type, (input_name, prompt[link[0]]["class_type"])
+    return link[0], link[1]
+
+
+def _run_select_panels(select_inputs: dict, story_inputs: dict) -> tuple[list[int], int, int]:
+    """What a Select Story Panels node with these widget values outputs for the Story node's text: (the
+    story panels its positive rows are, panel_count, first_panel). Conditioning row i holds the value i."""
+    import torch
+
+    import comfyui_storydiffusion.nodes.story as story_nodes
+    import comfyui_storydiffusion.story.parse as parse
+
+    story = parse.parse_story(story_inputs["characters"], story_inputs["panels"], story_inputs["identity_panels"])
+    rows = torch.arange(len(story), dtype=torch.float32).reshape(-1, 1, 1)
+    conditioning = [[rows, {"pooled_output": rows[:, 0]}]]
+    positive, _, count, first = story_nodes.StoryDiffusionSelectPanels().select(
+        conditioning, conditioning, story, select_inputs["select"], select_inputs["first_panel"], select_inputs["count"])
+    return [int(v) for v in positive[0][0].flatten()], count, first
+
+
+def check_story_characters(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """Identity run = the identity panels, story run = every other panel from its first_panel on, the page
+    joins both in story order, and the bank is saved: all read from the API prompt the frontend queued."""
+    samplers = {prompt[_linked(prompt, node, "model")[0]]["class_type"]: node
+                for node in prompt.values() if node["class_type"] == "KSampler"}
+    identity_sampler = samplers["StoryDiffusionIdentityBankWrite"]
+    story_sampler = samplers["StoryDiffusionIdentityBankRead"]
+    story_id, _ = _linked(prompt, identity_sampler, "positive", "StoryDiffusionSelectPanels")
+    story_inputs = prompt[_linked(prompt, prompt[story_id], "story", "StoryDiffusionStory")[0]]["inputs"]
+    runs = {}
+    for run, sampler in (("identity", identity_sampler), ("story", story_sampler)):
+        select_id, slot = _linked(prompt, sampler, "positive", "StoryDiffusionSelectPanels")
+        assert slot == 0 and sampler["inputs"]["negative"] == [select_id, 1]
+        latent = prompt[_linked(prompt, sampler, "latent_image", "EmptyLatentImage")[0]]
+        assert latent["inputs"]["batch_size"] == [select_id, 2], f"the {run} latent's batch is not the panel count"
+        runs[run] = (select_id, *_run_select_panels(prompt[select_id]["inputs"], story_inputs))
+    _, identity_rows, identity_count, _ = runs["identity"]
+    story_select, story_rows, story_count, story_first = runs["story"]
+    panels = len(story_inputs["panels"].splitlines())
+    assert (identity_rows, identity_count) == (list(range(make_workflows.STORY_IDENTITY_BATCH)),
+                                               make_workflows.STORY_IDENTITY_BATCH)
+    assert (story_rows, story_count, story_first) == (list(range(4, panels)), panels - 4, 4) and story_count == 8
+    # the bank read knows which story panel its first latent is, and runs after the identity run
+    read = prompt[_linked(prompt, story_sampler, "model")[0]]
+    assert read["inputs"]["first_panel"] == [story_select, 3]
+    assert prompt[_linked(prompt, read, "after")[0]] is identity_sampler
+    # page = identity images then story images; ComicPage fails unless captions (one per story panel) and images agree
+    page = next(n for n in prompt.values() if n["class_type"] == "StoryDiffusionComicPage")
+    batch = prompt[_linked(prompt, page, "images", "ImageBatch")[0]]
+    assert _linked(prompt, page, "captions", "StoryDiffusionStory")[1] == 2
+    for image, sampler in (("image1", identity_sampler), ("image2", story_sampler)):
+        decode = prompt[_linked(prompt, batch, image, "VAEDecode")[0]]
+        assert prompt[_linked(prompt, decode, "samples", "KSampler")[0]] is sampler
+    pngs = [f for f in files if f.endswith(".png")]
+    assert len(pngs) == 1, pngs  # 12 panels on one 3 x 4 grid page
+    bank_files = [text for node in outputs.values() for text in node.get("text", []) if text.endswith(".safetensors")]
+    assert len(bank_files) == 1 and os.path.getsize(os.path.join(server.output_dir, bank_files[0])) > 0, outputs
+
+
+WORKFLOW_CHECKS = {"story_characters": check_story_characters}
 
 
 def decoded_frame_count(path: str) -> int:
@@ -285,17 +354,20 @@ def decoded_frame_count(path: str) -> int:
 
 def test_core_nodes_workflow_runs_through_the_browser(browser, ui_server, model_files, object_info, tmp_path):
     """The harness itself, on ComfyUI core nodes only: load, screenshot, queue, a PNG comes out."""
-    report = run_workflow(ui_server, model_files, object_info, "core_sd15", None, tmp_path)
+    report, _, _ = run_workflow(ui_server, model_files, object_info, "core_sd15", None, tmp_path)
     sampler = next(v for v in report["api_prompt"].values() if v["class_type"] == "KSampler")
     # widgets_values line up with the widgets: the seed's control value did not shift steps/cfg
     assert (sampler["inputs"]["seed"], sampler["inputs"]["steps"], sampler["inputs"]["cfg"]) == (42, 2, 5)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_workflow_loads_and_runs_in_browser(browser, ui_server, model_files, object_info, name, tmp_path):
+def test_shipped_workflow_loads_and_runs_in_browser(browser, ui_server, model_files, object_info, name, tmp_path,
+                                                    pack):
     path = os.path.join(REPO, "workflows", f"{name}.json")
     assert os.path.exists(path), f"{path} missing: run `python scripts/make_workflows.py`"
-    run_workflow(ui_server, model_files, object_info, name, path, tmp_path)
+    report, outputs, files = run_workflow(ui_server, model_files, object_info, name, path, tmp_path)
+    if name in WORKFLOW_CHECKS:
+        WORKFLOW_CHECKS[name](ui_server, report["api_prompt"], outputs, files)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -333,14 +405,15 @@ def test_builder_rejects_specs_that_do_not_match_the_nodes(object_info):
         builder.connect(latent, 0, decode, "vae")
 
 
-def test_story_characters_identity_run_covers_the_first_panels(pack):
-    """The identity KSampler gets the first `batch` rows of the story's CONDITIONING (ComfyUI truncates a
-    batched cond to the latent batch), so the story's identity panels must be exactly panels 0..batch-1."""
+def test_story_characters_runs_cover_every_panel_once_in_order(pack):
+    """The page joins the identity run's images, then the story run's: that is story order only when the
+    identity panels are exactly panels 0..batch-1 and the story run starts right after them."""
     import comfyui_storydiffusion.story.parse as parse
 
     story = parse.parse_story(make_workflows.STORY_CHARACTERS, make_workflows.STORY_PANELS,
                               make_workflows.STORY_IDENTITY_PANELS)
     identity = sorted({i for panels in story.identity_panels.values() for i in panels})
     assert identity == list(range(make_workflows.STORY_IDENTITY_BATCH))
-    assert len(story.panels) >= 12 and len(story.identity_panels) >= 2
+    assert make_workflows.STORY_RUN_FIRST_PANEL == len(identity)
+    assert len(story.panels) == 12 and len(story.identity_panels) == 2
     assert any(not panel.characters for panel in story.panels)  # [NC] panels
