@@ -194,6 +194,7 @@ def main():
             estimate = t_plain * (base + extra) / base
             rows.append((mode, panels, t_plain, t_csa, t_csa / t_plain, t_csa / estimate,
                          m_plain.extra / 2**20, m_csa.extra / 2**20, (m_csa.extra - m_plain.extra) / 2**20))
+            print(f"  measured {mode}, {panels} panels", file=sys.stderr, flush=True)
 
     # bank: write 4 identity panels, then read every other story panel alone
     for story_len in ([4, 8] if args.quick else [4, 40]):
