@@ -26,7 +26,7 @@ def import_comfy():
         sys.path.insert(0, path)
     # ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, where comfy/utils.py would then shadow
     # the top-level `utils` package; main.py imports that package first, so do the same.
-    import utils.install_util  # noqa: F401
+    import utils.install_util  # noqa: F401  (imported for its side effect on sys.modules)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
