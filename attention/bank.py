@@ -230,3 +230,16 @@ class BankWriter:
         bank.characters = self.characters
         bank.sample_sigmas = self.sample_sigmas
         bank.layer_tokens = self.layer_tokens
+
+
+def looks_like_bank_file(path: str) -> bool:
+    """False only for a readable .safetensors that is not a bank (e.g. a motion predictor sharing the
+    models/storydiffusion folder), so loader lists stay short; unreadable files stay listed and the
+    load explains what is wrong with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:
+        return True

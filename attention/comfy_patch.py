@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import core
-from .bank import BankError, IdentityBank
+from .bank import BankError, IdentityBank, looks_like_bank_file
 from .schedule import Schedule, layer_ordinal, select_layers, step_index
 
 CONFIG_KEY = "storydiffusion_csa"
@@ -336,7 +336,8 @@ def list_bank_files() -> list[str]:
     import folder_paths
 
     bank_folder_paths()
-    return [f for f in folder_paths.get_filename_list(BANK_FOLDER) if f.endswith(".safetensors")]
+    return [f for f in folder_paths.get_filename_list(BANK_FOLDER)
+            if f.endswith(".safetensors") and looks_like_bank_file(folder_paths.get_full_path(BANK_FOLDER, f))]
 
 
 def load_bank_file(name: str, storage: str) -> IdentityBank:

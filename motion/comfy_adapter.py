@@ -37,7 +37,8 @@ from .encode import FIELD_OF_KIND, adjacent_pairs, embeds_layout, tokens_of
 from .interpolate import interpolate
 from .ipadapter import (IPAdapter, IPAdapterFormatError, family_name, group_state_dict, image_attention,
                         load_ipadapter_file, route_frames)
-from .predictor import SemanticMotionPredictor, check_compatible, load_predictor, predict_transition
+from .predictor import (SemanticMotionPredictor, check_compatible, load_predictor, looks_like_predictor_file,
+                        predict_transition)
 from .video import VideoError
 
 
@@ -67,7 +68,8 @@ def predictor_filenames() -> list[str]:
     import folder_paths
 
     ensure_model_folder()
-    return [n for n in folder_paths.get_filename_list(PREDICTOR_FOLDER) if n.lower().endswith(".safetensors")]
+    return [n for n in folder_paths.get_filename_list(PREDICTOR_FOLDER) if n.lower().endswith(".safetensors")
+            and looks_like_predictor_file(folder_paths.get_full_path(PREDICTOR_FOLDER, n))]
 
 
 @dataclass(frozen=True)

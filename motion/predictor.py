@@ -221,3 +221,15 @@ def load_predictor(path: str, device="cpu") -> SemanticMotionPredictor:
                          "The file is damaged; re-train or re-download it.")
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def looks_like_predictor_file(path: str) -> bool:
+    """False only for a readable .safetensors without a predictor config (e.g. an identity bank sharing
+    the models/storydiffusion folder); unreadable files stay listed so loading them explains why."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return CONFIG_KEY in (f.metadata() or {})
+    except Exception:
+        return True

@@ -253,3 +253,25 @@ def test_bank_file_round_trip(att, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(bank_mod.BankError, match="cannot read identity bank broken.safetensors"):
         bank_mod.IdentityBank.load(str(tmp_path / "broken.safetensors"))
+
+
+def test_banks_and_predictors_share_the_folder_but_not_the_lists(att, comfy_nodes, models_dir):
+    """models/storydiffusion holds identity banks and motion predictors: each loader lists its own kind
+    (and any unreadable file, whose load then says what is wrong), never the other kind."""
+    _, _, bank_mod = att
+    from comfyui_storydiffusion.attention.comfy_patch import list_bank_files
+    from comfyui_storydiffusion.motion.comfy_adapter import predictor_filenames
+    from comfyui_storydiffusion.motion.predictor import PredictorConfig, SemanticMotionPredictor, save_predictor
+
+    folder = models_dir / "storydiffusion"
+    _filled_bank(bank_mod).save(str(folder / "listing_bank.safetensors"))
+    save_predictor(SemanticMotionPredictor(PredictorConfig(embed_dim=8, tokens=1, width=8, layers=1, heads=1,
+                                                           max_frames=4, kind="pooled")),
+                   str(folder / "listing_predictor.safetensors"))
+    (folder / "listing_broken.safetensors").write_bytes(b"not a safetensors file")
+    banks, predictors = list_bank_files(), predictor_filenames()
+    assert "listing_bank.safetensors" in banks and "listing_predictor.safetensors" not in banks
+    assert "listing_predictor.safetensors" in predictors and "listing_bank.safetensors" not in predictors
+    assert "listing_broken.safetensors" in banks and "listing_broken.safetensors" in predictors
+    for name in ("listing_bank", "listing_predictor", "listing_broken"):
+        (folder / f"{name}.safetensors").unlink()
