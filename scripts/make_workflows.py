@@ -253,6 +253,17 @@ SD15_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors
 SDXL_CHECKPOINT = ModelFile("checkpoints", "sd_xl_base_1.0.safetensors", "sdxl")
 
 
+def sample_and_decode(b: WorkflowBuilder, sampler: int, decode: int, *, model: tuple, positive: tuple,
+                      negative: tuple, latent: tuple, vae: tuple) -> None:
+    """Wire a KSampler and its VAE Decode; each input is a (node, output) pair. Every spec does this."""
+    b.connect(*model, sampler, "model")
+    b.connect(*positive, sampler, "positive")
+    b.connect(*negative, sampler, "negative")
+    b.connect(*latent, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(*vae, decode, "vae")
+
+
 def core_sd15(b: WorkflowBuilder) -> None:
     """ComfyUI core nodes only: proves the browser harness independently of the pack."""
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
@@ -264,12 +275,8 @@ def core_sd15(b: WorkflowBuilder) -> None:
     save = b.add("SaveImage", 3, {"filename_prefix": "core_sd15"})
     b.connect(ckpt, "CLIP", pos, "clip")
     b.connect(ckpt, "CLIP", neg, "clip")
-    b.connect(ckpt, "MODEL", sampler, "model")
-    b.connect(pos, 0, sampler, "positive")
-    b.connect(neg, 0, sampler, "negative")
-    b.connect(latent, 0, sampler, "latent_image")
-    b.connect(sampler, 0, decode, "samples")
-    b.connect(ckpt, "VAE", decode, "vae")
+    sample_and_decode(b, sampler, decode, model=(ckpt, "MODEL"), positive=(pos, 0),
+                      negative=(neg, 0), latent=(latent, 0), vae=(ckpt, "VAE"))
     b.connect(decode, 0, save, "images")
 
 
@@ -287,12 +294,8 @@ def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_ou
     b.connect(*model_out, csa, "model")
     b.connect(story, "story", csa, "story")
     b.connect(story, "panel_count", latent, "batch_size")
-    b.connect(csa, "model", sampler, "model")
-    b.connect(story, "positive", sampler, "positive")
-    b.connect(story, "negative", sampler, "negative")
-    b.connect(latent, 0, sampler, "latent_image")
-    b.connect(sampler, 0, decode, "samples")
-    b.connect(*vae_out, decode, "vae")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(story, "positive"),
+                      negative=(story, "negative"), latent=(latent, 0), vae=vae_out)
     b.connect(decode, 0, page, "images")
     b.connect(story, "captions", page, "captions")
     b.connect(page, "pages", save, "images")
@@ -393,23 +396,16 @@ def story_characters(b: WorkflowBuilder) -> None:
         b.connect(story, "story", select, "story")
     b.connect(csa, "model", write, "model")
     b.connect(identity_select, "panel_count", identity_latent, "batch_size")
-    b.connect(write, "model", identity_sampler, "model")
-    b.connect(identity_select, "positive", identity_sampler, "positive")
-    b.connect(identity_select, "negative", identity_sampler, "negative")
-    b.connect(identity_latent, 0, identity_sampler, "latent_image")
-    b.connect(identity_sampler, 0, identity_decode, "samples")
-    b.connect(ckpt, "VAE", identity_decode, "vae")
+    sample_and_decode(b, identity_sampler, identity_decode, model=(write, "model"),
+                      positive=(identity_select, "positive"), negative=(identity_select, "negative"),
+                      latent=(identity_latent, 0), vae=(ckpt, "VAE"))
     b.connect(csa, "model", read, "model")
     b.connect(write, "bank", read, "bank")
     b.connect(story_select, "first_panel", read, "first_panel")
     b.connect(identity_sampler, 0, read, "after")
     b.connect(story_select, "panel_count", latent, "batch_size")
-    b.connect(read, "model", sampler, "model")
-    b.connect(story_select, "positive", sampler, "positive")
-    b.connect(story_select, "negative", sampler, "negative")
-    b.connect(latent, 0, sampler, "latent_image")
-    b.connect(sampler, 0, decode, "samples")
-    b.connect(ckpt, "VAE", decode, "vae")
+    sample_and_decode(b, sampler, decode, model=(read, "model"), positive=(story_select, "positive"),
+                      negative=(story_select, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
     b.connect(identity_decode, 0, panels, "image1")
     b.connect(decode, 0, panels, "image2")
     b.connect(panels, 0, page, "images")
@@ -460,12 +456,8 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
     b.connect(lora, 0, csa, "model")
     b.connect(story, "story", csa, "story")
     b.connect(story, "panel_count", latent, "batch_size")
-    b.connect(csa, "model", sampler, "model")
-    b.connect(fuse, 0, sampler, "positive")
-    b.connect(story, "negative", sampler, "negative")
-    b.connect(latent, 0, sampler, "latent_image")
-    b.connect(sampler, 0, decode, "samples")
-    b.connect(ckpt, "VAE", decode, "vae")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(fuse, 0),
+                      negative=(story, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
     b.connect(decode, 0, page, "images")
     b.connect(story, "captions", page, "captions")
     b.connect(page, "pages", save, "images")
@@ -521,12 +513,8 @@ def story_to_video(b: WorkflowBuilder) -> None:
     b.connect(ckpt, "CLIP", pos, "clip")
     b.connect(ckpt, "CLIP", neg, "clip")
     b.connect(motion, "total_frames", latent, "batch_size")
-    b.connect(per_frame, "model", sampler, "model")
-    b.connect(pos, 0, sampler, "positive")
-    b.connect(neg, 0, sampler, "negative")
-    b.connect(latent, 0, sampler, "latent_image")
-    b.connect(sampler, 0, decode, "samples")
-    b.connect(ckpt, "VAE", decode, "vae")
+    sample_and_decode(b, sampler, decode, model=(per_frame, "model"), positive=(pos, 0),
+                      negative=(neg, 0), latent=(latent, 0), vae=(ckpt, "VAE"))
     b.connect(decode, 0, video, "segments")
     b.connect(video, "frames", combine, "images")
     b.connect(video, "fps", combine, "fps")
