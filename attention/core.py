@@ -18,12 +18,11 @@ story panel), so the same call gives the same tokens whatever the batch layout i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+from ..common.attention import AttentionFn, multihead_attention
 
 _MASK64 = (1 << 64) - 1
 
@@ -68,15 +67,6 @@ def sample_panel_tokens(num_tokens: int, rate: float, seed: int, step: int, laye
     return torch.stack([sample_tokens(num_tokens, rate, seed, step, layer, p) for p in panels])
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention on [rows, tokens, heads*dim] tensors (ComfyUI's layout)."""
-    rows, _, inner = q.shape
-    dim = inner // heads
-    q, k, v = (t.reshape(t.shape[0], -1, heads, dim).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(rows, -1, inner)
-
-
 @dataclass(frozen=True)
 class BankTokens:
     """Tokens read from an identity bank for one layer call.
@@ -92,7 +82,7 @@ class BankTokens:
 def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, chunks: int,
                          share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
                          bank: Optional[BankTokens] = None,
-                         attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+                         attention: AttentionFn = multihead_attention) -> torch.Tensor:
     """Self-attention where each panel also reads sampled tokens of the panels it shares with.
 
     q: [chunks*B, Tq, D]; k, v: [chunks*B, Tk, D]; row c*B+i is panel i of chunk c.
@@ -103,7 +93,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         that window only; its output is the mean over the windows that contain it. Windows are
         processed one after another, so the extra memory depends on W, not on B.
     bank: extra tokens from an identity bank that panels read on top of their own.
-    attention: the kernel, attention(q, k, v, heads) on [rows, tokens, D] (sdpa by default).
+    attention: the kernel, attention(q, k, v, heads) on [rows, tokens, D] (plain sdpa by default).
     """
     total, _, dim = q.shape
     if total % chunks:

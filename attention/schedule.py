@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from ..common.sigmas import SigmaWindow
 from .core import mix_seed
 
 LayerKey = tuple  # (kind: str, block: int, index: int)
@@ -104,18 +105,17 @@ def step_index(sigma: float, sample_sigmas: Iterable[float]) -> int:
 class Schedule:
     """When CSA is on for a layer call.
 
-    start_sigma/end_sigma: CSA runs while end_sigma <= sigma <= start_sigma (from start/end percent).
+    window: CSA runs while window.end_sigma <= sigma <= window.start_sigma (from start/end percent).
     official: StoryDiffusion's released schedule — plain attention at step 0, then each layer call
     uses CSA with probability 0.7 before step 20 and 0.9 from step 20, a coin seeded by
     (seed, step, layer) so runs repeat exactly.
     """
-    start_sigma: float = float("inf")
-    end_sigma: float = 0.0
+    window: SigmaWindow = SigmaWindow()
     official: bool = False
     seed: int = 0
 
     def active(self, step: int, sigma: float, layer: LayerKey) -> bool:
-        if not (self.end_sigma <= sigma <= self.start_sigma):
+        if not self.window.contains(sigma):
             return False
         if not self.official:
             return True

@@ -50,7 +50,7 @@ def main():
 
     import ipadapter_fixtures as fx
     import tiny_models
-    from comfyui_storydiffusion.motion import comfy_adapter
+    from comfyui_storydiffusion.ipadapter import comfy_adapter
 
     torch.manual_seed(0)
     model = tiny_models.make_model("sd15")

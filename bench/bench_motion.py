@@ -44,7 +44,7 @@ def main():
 
     from motion.interpolate import interpolate
     from motion.predictor import PredictorConfig, SemanticMotionPredictor
-    from motion.train import clip_loss
+    from motion.training import clip_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)

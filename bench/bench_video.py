@@ -13,7 +13,6 @@ for the streaming encoder and for the naive "convert the whole batch to uint8, t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,12 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_core():
-    """motion/video.py on its own (it imports nothing from ComfyUI or the rest of the pack)."""
-    spec = importlib.util.spec_from_file_location("storydiffusion_video", os.path.join(REPO, "motion", "video.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """video/join.py + video/encode.py on their own (they import nothing from ComfyUI or the rest of the pack)."""
+    import types
+
+    sys.path.insert(0, REPO)
+    from video import encode, join
+
+    return types.SimpleNamespace(**{k: v for module in (join, encode) for k, v in vars(module).items()})
 
 
 def make_frames(count: int, size: int = 512) -> torch.Tensor:

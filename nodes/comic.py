@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..common.sockets import CATEGORY
 from ..story import comic
-from ._common import CATEGORY
 
 
 def split_captions(text: str, panel_count: int) -> list[str]:

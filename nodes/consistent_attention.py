@@ -1,23 +1,12 @@
 """Nodes for Consistent Self-Attention and the identity bank (thin: inputs, validation, calls into attention/)."""
 from __future__ import annotations
 
-from ._common import CATEGORY, STORY_TYPE
+from ..attention import comfy_adapter
+from ..attention import schedule as csa_schedule
+from ..attention.bank import IdentityBank
+from ..common.sockets import BANK_TYPE, CATEGORY, STORY_TYPE
 
-BANK_TYPE = "STORYDIFFUSION_BANK"
 SUBCATEGORY = f"{CATEGORY}/attention"
-
-
-def _adapter():
-    from ..attention import comfy_patch
-
-    return comfy_patch
-
-
-def _schedule():
-    from ..attention import schedule
-
-    return schedule
-
 
 def _user_error(e: Exception) -> Exception:
     """Our own validation errors reach the user as plain ValueErrors with the message only."""
@@ -36,7 +25,7 @@ class ConsistentSelfAttention:
 
     @classmethod
     def INPUT_TYPES(cls):
-        s = _schedule()
+        s = csa_schedule
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL model. It is cloned, never modified."}),
@@ -80,12 +69,11 @@ class ConsistentSelfAttention:
 
     def patch(self, model, rate, rate_high_res, window_size, layers, custom_layers, start_percent, end_percent,
               schedule, seed, story=None):
-        adapter = _adapter()
         try:
-            patched = adapter.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
-                                          layer_choice=layers, custom_layers=custom_layers,
-                                          start_percent=start_percent, end_percent=end_percent,
-                                          official_schedule=schedule == _schedule().SCHEDULE_OFFICIAL, seed=seed, story=story)
+            patched = comfy_adapter.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
+                                                layer_choice=layers, custom_layers=custom_layers,
+                                                start_percent=start_percent, end_percent=end_percent,
+                                                official_schedule=schedule == csa_schedule.SCHEDULE_OFFICIAL, seed=seed, story=story)
         except ValueError as e:
             raise _user_error(e) from None
         return (patched,)
@@ -114,12 +102,9 @@ class IdentityBankWrite:
         }}
 
     def write(self, model, storage, dtype):
-        adapter = _adapter()
-        from ..attention.bank import IdentityBank
-
         try:
             bank = IdentityBank(storage=storage, dtype=dtype)
-            return (adapter.with_bank(model, adapter.MODE_WRITE, bank), bank)
+            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_WRITE, bank), bank)
         except ValueError as e:
             raise _user_error(e) from None
 
@@ -148,12 +133,11 @@ class IdentityBankRead:
         }}
 
     def read(self, model, bank, first_panel, after=None):
-        adapter = _adapter()
         if bank.empty:
             raise ValueError("the identity bank is empty: connect the LATENT output of the KSampler that samples the "
                              "'Identity Bank Write' model to the 'after' input, or load a saved bank")
         try:
-            return (adapter.with_bank(model, adapter.MODE_READ, bank, first_panel),)
+            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_READ, bank, first_panel),)
         except ValueError as e:
             raise _user_error(e) from None
 
@@ -178,9 +162,8 @@ class SaveIdentityBank:
         }}
 
     def save(self, bank, filename_prefix, after=None):
-        adapter = _adapter()
         try:
-            subfolder, file = adapter.save_bank_file(bank, filename_prefix)
+            subfolder, file = comfy_adapter.save_bank_file(bank, filename_prefix)
         except ValueError as e:
             raise _user_error(e) from None
         return {"ui": {"text": [f"{subfolder}/{file}" if subfolder else file]}}
@@ -197,14 +180,14 @@ class LoadIdentityBank:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "bank_name": (_adapter().list_bank_files(), {"tooltip": "A .safetensors bank in models/storydiffusion."}),
+            "bank_name": (comfy_adapter.list_bank_files(), {"tooltip": "A .safetensors bank in models/storydiffusion."}),
             "storage": (["cpu", "device"], {"default": "cpu",
                                             "tooltip": "Keep the bank in CPU memory or move it to the sampling device at each read."}),
         }}
 
     def load(self, bank_name, storage):
         try:
-            return (_adapter().load_bank_file(bank_name, storage),)
+            return (comfy_adapter.load_bank_file(bank_name, storage),)
         except ValueError as e:
             raise _user_error(e) from None
 

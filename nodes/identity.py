@@ -1,20 +1,12 @@
 """PhotoMaker v1 nodes: load the file, apply its LoRA, bind characters' photos, fuse them into prompts."""
 from __future__ import annotations
 
-from ._common import CATEGORY, STORY_TYPE
-
-PHOTOMAKER_TYPE = "STORYDIFFUSION_PHOTOMAKER"  # identity.weights.PhotoMakerModel
-CHARACTERS_TYPE = "STORYDIFFUSION_PHOTOMAKER_CHARACTERS"  # tuple of identity.comfy_identity.Reference
+from ..common.sockets import CATEGORY, CHARACTERS_TYPE, PHOTOMAKER_TYPE, STORY_TYPE
+from ..identity import comfy_adapter
 SUBCATEGORY = f"{CATEGORY}/identity"
 
 TRIGGER_TOOLTIP = ("The word written right after the class word in the prompt ('a man img'). It is removed from the "
                    "prompt; the class word before it carries the identity. PhotoMaker's default is 'img'.")
-
-
-def _core():
-    from ..identity import comfy_identity
-
-    return comfy_identity
 
 
 class PhotoMakerLoader:
@@ -27,11 +19,11 @@ class PhotoMakerLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"photomaker_name": (_core().photomaker_files(), {
+        return {"required": {"photomaker_name": (comfy_adapter.photomaker_files(), {
             "tooltip": "A PhotoMaker v1 file in ComfyUI/models/photomaker (e.g. photomaker-v1.bin)."})}}
 
     def load(self, photomaker_name):
-        return (_core().load_from_folder(photomaker_name),)
+        return (comfy_adapter.load_from_folder(photomaker_name),)
 
 
 class PhotoMakerApplyLoRA:
@@ -53,7 +45,7 @@ class PhotoMakerApplyLoRA:
     def apply(self, model, photomaker, strength):
         if strength == 0:
             return (model,)
-        return (_core().apply_lora(model, photomaker, strength),)
+        return (comfy_adapter.apply_lora(model, photomaker, strength),)
 
 
 class PhotoMakerCharacter:
@@ -77,7 +69,6 @@ class PhotoMakerCharacter:
         }}
 
     def bind(self, name, images, trigger_word, characters=None):
-        core = _core()
         name = name.strip()
         if images is None or images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"character {name or '(unnamed)'}: the reference IMAGE batch is empty.")
@@ -87,7 +78,7 @@ class PhotoMakerCharacter:
                              "needs its own name.")
         if not trigger_word.strip() or len(trigger_word.split()) != 1:
             raise ValueError(f"character {name or '(unnamed)'}: the trigger word must be one word, got {trigger_word!r}.")
-        return (previous + (core.Reference(name, images, trigger_word.strip()),),)
+        return (previous + (comfy_adapter.Reference(name, images, trigger_word.strip()),),)
 
 
 class PhotoMakerFuse:
@@ -121,22 +112,21 @@ class PhotoMakerFuse:
         }}
 
     def fuse(self, clip, photomaker, text, trigger_word, start_merge, images=None, characters=None, story=None):
-        core = _core()
         references = tuple(characters or ())
         if images is not None:
             if images.ndim != 4 or images.shape[0] == 0:
                 raise ValueError("the reference IMAGE batch is empty: connect 1 or more photos of the person.")
-            references = (core.Reference("", images, trigger_word.strip()),) + references
+            references = (comfy_adapter.Reference("", images, trigger_word.strip()),) + references
         if not references:
             raise ValueError("no reference photos: connect 'images' or PhotoMaker Character nodes.")
         if story is None:
-            jobs = [core.PromptJob(text, "the prompt", references, require_trigger=True)]
+            jobs = [comfy_adapter.PromptJob(text, "the prompt", references, require_trigger=True)]
         else:
-            jobs = _story_jobs(core, story, references)
-        return (core.encode(clip, photomaker, jobs, start_merge),)
+            jobs = _story_jobs(story, references)
+        return (comfy_adapter.encode(clip, photomaker, jobs, start_merge),)
 
 
-def _story_jobs(core, story, references) -> list:
+def _story_jobs(story, references) -> list:
     """One job per panel: unnamed references apply to every panel, named ones to panels naming them."""
     known = {c.name for c in story.characters}
     unknown = sorted(r.name for r in references if r.name and r.name not in known)
@@ -151,7 +141,7 @@ def _story_jobs(core, story, references) -> list:
         refs += sorted((r for r in references if r.name in panel.characters),
                        key=lambda r: panel.characters.index(r.name))
         where = f"panel {index + 1}" + (f" (line {panel.line})" if panel.line else "")
-        jobs.append(core.PromptJob(panel.prompt, where, tuple(refs), require_trigger=False))
+        jobs.append(comfy_adapter.PromptJob(panel.prompt, where, tuple(refs), require_trigger=False))
     return jobs
 
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import CATEGORY
-
-IPADAPTER_TYPE = "IPADAPTER"  # same type and value layout as ComfyUI_IPAdapter_plus: loaders interchange
-EMBEDS_TYPE = "EMBEDS"  # IPAdapter_plus's raw CLIP embedding tensor ([N, D] or [N, tokens, D])
+from ..common.sockets import CATEGORY, EMBEDS_TYPE, IPADAPTER_TYPE
+from ..ipadapter import comfy_adapter
+from ..ipadapter.weights import inspect_ipadapter
 
 
 class IPAdapterLoader:
@@ -20,16 +19,12 @@ class IPAdapterLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..motion.comfy_adapter import ipadapter_filenames
-
-        return {"required": {"ipadapter_file": (ipadapter_filenames(), {
+        return {"required": {"ipadapter_file": (comfy_adapter.ipadapter_filenames(), {
             "tooltip": "An IP-Adapter file in models/ipadapter, e.g. ip-adapter_sd15.safetensors or "
                        "ip-adapter-plus_sdxl_vit-h.safetensors (.safetensors or .bin)."})}}
 
     def load(self, ipadapter_file):
-        from ..motion.comfy_adapter import load_ipadapter
-
-        return (load_ipadapter(ipadapter_file),)
+        return (comfy_adapter.load_ipadapter(ipadapter_file),)
 
 
 class PerFrameSemanticConditioning:
@@ -73,15 +68,12 @@ class PerFrameSemanticConditioning:
 
     def apply(self, model, ipadapter, weight, start_percent, end_percent, clip_vision_output=None, embeds=None,
               negative_embeds=None):
-        from ..motion.ipadapter import IPAdapterSpec, inspect_ipadapter
-        from ..motion.comfy_adapter import apply_per_frame_ipadapter, unwrap_ipadapter
-
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): swap them.")
-        spec: IPAdapterSpec = inspect_ipadapter(unwrap_ipadapter(ipadapter), "the IPADAPTER input")
+        spec = inspect_ipadapter(comfy_adapter.unwrap_ipadapter(ipadapter), "the IPADAPTER input")
         frames = self._embeddings(spec, clip_vision_output, embeds)
         negative = None if negative_embeds is None else self._as_tensor(negative_embeds, "negative_embeds")
-        return (apply_per_frame_ipadapter(model, ipadapter, frames, negative, weight, start_percent, end_percent),)
+        return (comfy_adapter.apply_per_frame_ipadapter(model, ipadapter, frames, negative, weight, start_percent, end_percent),)
 
     @staticmethod
     def _as_tensor(value, name) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Nodes: load or train a Semantic Motion Predictor; predict the CLIP image embeddings of every in-between frame."""
 from __future__ import annotations
 
-from ._common import CATEGORY
+from ..common.sockets import CATEGORY, EMBEDS_TYPE, PREDICTOR_TYPE
+from ..motion import comfy_adapter
+from ..motion.training import TrainOptions
 
-PREDICTOR_TYPE = "STORYDIFFUSION_MOTION_PREDICTOR"  # motion.comfy_adapter.LoadedPredictor
-EMBEDS_TYPE = "EMBEDS"  # IPAdapter_plus's raw embedding tensor: [frames, D] pooled, [frames, T, D] penultimate
 MAX_FRAMES = 1024
 
 
@@ -19,16 +19,12 @@ class MotionPredictorLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..motion.comfy_adapter import NONE, predictor_filenames
-
-        return {"required": {"predictor_name": ([NONE] + predictor_filenames(), {
+        return {"required": {"predictor_name": ([comfy_adapter.NONE] + comfy_adapter.predictor_filenames(), {
             "tooltip": "A predictor file in models/storydiffusion (its config is stored in the file). "
                        "'none' = plain interpolation, no weights needed."})}}
 
     def load(self, predictor_name):
-        from ..motion.comfy_adapter import load_predictor_by_name
-
-        return (load_predictor_by_name(predictor_name),)
+        return (comfy_adapter.load_predictor_by_name(predictor_name),)
 
 
 class SemanticMotionPredictor:
@@ -79,12 +75,10 @@ class SemanticMotionPredictor:
         }
 
     def predict(self, clip_vision, start, frames, interpolation, embeddings, end=None, predictor=None, crop="center"):
-        from ..motion.comfy_adapter import predict_motion
-
         if frames < 2:
             raise ValueError(f"frames must be at least 2 (the start and the end frame), got {frames}.")
-        output, embeds, transitions = predict_motion(clip_vision, start, end, int(frames), interpolation, embeddings,
-                                                     predictor, crop=crop == "center")
+        output, embeds, transitions = comfy_adapter.predict_motion(clip_vision, start, end, int(frames), interpolation, embeddings,
+                                                                   predictor, crop=crop == "center")
         return (output, embeds, transitions * int(frames))
 
 
@@ -126,14 +120,11 @@ class TrainMotionPredictor:
 
     def train(self, clip_vision, videos_folder, predictor_name, embeddings, clip_frames, steps, batch_size,
               learning_rate, width, layers, heads, seed):
-        from ..motion.comfy_adapter import train_into_model_folder
-        from ..motion.train import TrainOptions
-
         options = TrainOptions(kind=embeddings, frames=clip_frames, steps=steps, batch_size=batch_size,
                                lr=learning_rate, warmup=min(100, max(1, steps // 10)), seed=seed,
                                model={"width": width, "layers": layers, "heads": heads,
                                       "max_frames": max(64, clip_frames)})
-        loaded, result = train_into_model_folder(clip_vision, videos_folder.strip(), predictor_name, options)
+        loaded, result = comfy_adapter.train_into_model_folder(clip_vision, videos_folder.strip(), predictor_name, options)
         report = result.summary()
         return {"ui": {"text": [report]}, "result": (loaded, report)}
 

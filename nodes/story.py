@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..story import comfy_encode
+from ..common.sockets import CATEGORY, STORY_TYPE
+from ..story import comfy_adapter
 from ..story.parse import parse_story
 from ..story.styles import NO_STYLE, STYLE_NAMES, apply_style, style_negative
-from ._common import CATEGORY, STORY_TYPE
 
 EXAMPLE_CHARACTERS = "[Mia] a young woman with short red hair, green raincoat\n[Leo] an old man with a white beard, blue sweater"
 EXAMPLE_PANELS = (
@@ -73,9 +73,9 @@ class StoryDiffusionStory:
         styled = tuple(dataclasses.replace(p, prompt=apply_style(style, p.prompt)) for p in story.panels)
         story = dataclasses.replace(story, panels=styled)
         prompts = [p.prompt for p in styled]
-        positive = comfy_encode.encode_panels(clip, prompts, lines=[p.line for p in styled])
-        negative_cond = comfy_encode.repeat_conditioning(
-            comfy_encode.encode_prompt(clip, style_negative(style, negative)), len(prompts))
+        positive = comfy_adapter.encode_panels(clip, prompts, lines=[p.line for p in styled])
+        negative_cond = comfy_adapter.repeat_conditioning(
+            comfy_adapter.encode_prompt(clip, style_negative(style, negative)), len(prompts))
         captions = "\n".join(p.caption for p in styled)
         return positive, negative_cond, captions, story, len(prompts)
 
@@ -130,7 +130,7 @@ class StoryDiffusionSelectPanels:
                 raise ValueError(f"panels {first_panel}-{end - 1} were asked for but the story has {total} panels "
                                  f"(0-{total - 1}): lower first_panel or count")
             rows = list(range(first_panel, end))
-        return (comfy_encode.select_rows(positive, rows), comfy_encode.select_rows(negative, rows), len(rows), rows[0])
+        return (comfy_adapter.select_rows(positive, rows), comfy_adapter.select_rows(negative, rows), len(rows), rows[0])
 
 
 NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory, "StoryDiffusionSelectPanels": StoryDiffusionSelectPanels}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..motion import video as core
-from ._common import CATEGORY
+from ..common.sockets import CATEGORY
+from ..video import comfy_adapter, encode, join
 
 VIDEO_CATEGORY = f"{CATEGORY}/video"
 
@@ -74,7 +74,7 @@ class StoryDiffusionStoryVideo:
 
     def join(self, segments, fps, overlap, hold_frames, frame_rate_multiplier):
         fps, overlap, hold, factor = fps[0], overlap[0], hold_frames[0], frame_rate_multiplier[0]
-        frames = core.assemble_story_video(list(segments), overlap=overlap, hold=hold, blend_factor=factor)
+        frames = join.assemble_story_video(list(segments), overlap=overlap, hold=hold, blend_factor=factor)
         return (frames, float(fps) * factor, int(frames.shape[0]))
 
 
@@ -97,7 +97,7 @@ class StoryDiffusionVideoCombine:
                 "images": ("IMAGE", {"tooltip": "The frames, in order (e.g. from Story Video)."}),
                 "fps": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 240.0, "step": 0.01,
                                   "tooltip": "Frames per second (gif stores delays in 1/100 s, so it rounds)."}),
-                "format": (list(core.FORMATS), {"default": "mp4",
+                "format": (list(encode.FORMATS), {"default": "mp4",
                                                 "tooltip": "mp4 = H.264 (MPEG-4 part 2 if no H.264 encoder), webm = VP9, "
                                                            "gif, webp = animated WebP."}),
                 "quality": ("INT", {"default": 85, "min": 1, "max": 100,
@@ -117,18 +117,16 @@ class StoryDiffusionVideoCombine:
 
     def combine(self, images, fps, format, quality, loop_count, pingpong, filename_prefix,
                 prompt=None, extra_pnginfo=None):
-        from ..motion import comfy_adapter
-
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
             raise ValueError("Video Combine got an empty IMAGE batch: there are no frames to encode. "
                              "Check the node that feeds 'images'.")
-        core.pick_codec(format)  # unsupported format: fail before creating any file
-        order = core.playback_order(images.shape[0], pingpong)
+        encode.pick_codec(format)  # unsupported format: fail before creating any file
+        order = encode.playback_order(images.shape[0], pingpong)
         height, width = images.shape[1:3]
         path, file, subfolder = comfy_adapter.output_path(filename_prefix, format, width, height)
-        written = core.write_video(core.frames_as_uint8(images, order), path, format, fps, quality=quality,
-                                   loop=loop_count, metadata=comfy_adapter.saved_metadata(prompt, extra_pnginfo),
-                                   on_frame=comfy_adapter.progress_bar(len(order)))
+        written = encode.write_video(encode.frames_as_uint8(images, order), path, format, fps, quality=quality,
+                                     loop=loop_count, metadata=comfy_adapter.saved_metadata(prompt, extra_pnginfo),
+                                     on_frame=comfy_adapter.progress_bar(len(order)))
         if format in ("mp4", "webm"):
             video = comfy_adapter.video_from_file(written.path)
         else:  # FFmpeg cannot decode animated webp, and core SaveVideo cannot remux gif: hand over the frames

@@ -110,13 +110,18 @@ class TestFrameEmbeddingsNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"frames": ("INT", {"default": 2, "min": 1}), "dim": ("INT", {"default": 32, "min": 1}),
-                             "tokens": ("INT", {"default": 5, "min": 1}), "seed": ("INT", {"default": 0})}}
+                             "tokens": ("INT", {"default": 5, "min": 1}), "seed": ("INT", {"default": 0})},
+                "optional": {"redraw_frame": ("INT", {"default": -1, "min": -1})}}
 
-    def make(self, frames, dim, tokens, seed):
+    def make(self, frames, dim, tokens, seed, redraw_frame=-1):
+        """redraw_frame j >= 0: frame j's embeddings come from another seed, every other frame is unchanged."""
         from comfy.clip_vision import Output
 
         out = Output()
         out["image_embeds"] = frame_embeddings(frames, dim, 0, seed)
         out["penultimate_hidden_states"] = frame_embeddings(frames, dim, tokens, seed + 1)
+        if redraw_frame >= 0:
+            out["image_embeds"][redraw_frame] = frame_embeddings(1, dim, 0, seed + 1000)[0]
+            out["penultimate_hidden_states"][redraw_frame] = frame_embeddings(1, dim, tokens, seed + 1001)[0]
         out["last_hidden_state"] = out["penultimate_hidden_states"]
         return (out, out["image_embeds"])

@@ -16,6 +16,12 @@ def att(pack):
     return core, schedule, bank
 
 
+def multihead_attention(q, k, v, heads):
+    from comfyui_storydiffusion.common.attention import multihead_attention as attend
+
+    return attend(q, k, v, heads)
+
+
 HEADS, DIM = 2, 8
 
 
@@ -72,7 +78,7 @@ def test_batch_mode_matches_reference(att):
     for row, expected in ref.items():
         torch.testing.assert_close(out[row].double(), expected, atol=1e-5, rtol=1e-5)
     # it really is different from plain attention
-    plain = core.sdpa_attention(q, k, v, HEADS)
+    plain = multihead_attention(q, k, v, HEADS)
     assert (out - plain).abs().max() > 1e-3
 
 
@@ -113,7 +119,7 @@ def test_character_groups_and_no_character_panels(att):
     for row, expected in ref.items():
         torch.testing.assert_close(out[row].double(), expected, atol=1e-5, rtol=1e-5)
     # the [NC] panel reads nothing: plain attention
-    torch.testing.assert_close(out[3], core.sdpa_attention(q[3:4], k[3:4], v[3:4], HEADS)[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[3], multihead_attention(q[3:4], k[3:4], v[3:4], HEADS)[0], atol=1e-6, rtol=0)
     # Ann's panel 0 does not read Bob's panel 1: changing panel 1 leaves it alone, changing panel 4 does not
     k2 = k.clone()
     k2[1] += 1.0
@@ -142,7 +148,7 @@ def test_bank_read_equals_batch_write(att):
     none = core.BankTokens(bank_k, bank_v, torch.zeros(1, ids, dtype=torch.bool))
     plain = core.consistent_attention(q[rows_x], k[rows_x], v[rows_x], HEADS, chunks=chunks,
                                       share=torch.zeros(1, 1, dtype=torch.bool), sampled=sampled[2:], bank=none)
-    torch.testing.assert_close(plain, core.sdpa_attention(q[rows_x], k[rows_x], v[rows_x], HEADS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain, multihead_attention(q[rows_x], k[rows_x], v[rows_x], HEADS), atol=1e-6, rtol=0)
 
 
 def test_rate_zero_is_plain_attention(att):
@@ -151,7 +157,7 @@ def test_rate_zero_is_plain_attention(att):
     sampled = core.sample_panel_tokens(12, 0.0, seed=0, step=0, layer=0, panels=range(3))
     assert sampled.shape == (3, 0)
     out = core.consistent_attention(q, k, v, HEADS, chunks=2, share=~torch.eye(3, dtype=torch.bool), sampled=sampled)
-    assert torch.equal(out, core.sdpa_attention(q, k, v, HEADS))
+    assert torch.equal(out, multihead_attention(q, k, v, HEADS))
 
 
 def test_sampling_is_seeded_per_step_layer_and_panel(att):
@@ -176,7 +182,7 @@ def test_official_schedule(att):
     late = [s.active(step, 5.0, ("output", i, j)) for step in range(20, 50) for i in range(12) for j in range(4)]
     assert 0.62 < sum(early) / len(early) < 0.78 and 0.85 < sum(late) / len(late) < 0.95
     assert [s.active(st, 1.0, layer) for st in range(40)] == [s.active(st, 1.0, layer) for st in range(40)]
-    every = schedule.Schedule(start_sigma=10.0, end_sigma=2.0)
+    every = schedule.Schedule(window=schedule.SigmaWindow(start_sigma=10.0, end_sigma=2.0))
     assert every.active(0, 5.0, layer) and not every.active(3, 11.0, layer) and not every.active(9, 1.0, layer)
 
 
@@ -259,7 +265,7 @@ def test_banks_and_predictors_share_the_folder_but_not_the_lists(att, comfy_node
     """models/storydiffusion holds identity banks and motion predictors: each loader lists its own kind
     (and any unreadable file, whose load then says what is wrong), never the other kind."""
     _, _, bank_mod = att
-    from comfyui_storydiffusion.attention.comfy_patch import list_bank_files
+    from comfyui_storydiffusion.attention.comfy_adapter import list_bank_files
     from comfyui_storydiffusion.motion.comfy_adapter import predictor_filenames
     from comfyui_storydiffusion.motion.predictor import PredictorConfig, SemanticMotionPredictor, save_predictor
 

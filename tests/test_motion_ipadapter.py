@@ -1,6 +1,7 @@
 """Per-frame semantic conditioning through IP-Adapter weights: file parsing, routing, patch, nodes."""
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -12,9 +13,13 @@ import tiny_models
 
 @pytest.fixture(scope="module")
 def ipa(pack):
-    import comfyui_storydiffusion.motion.ipadapter as core
-    import comfyui_storydiffusion.motion.comfy_adapter as adapter
+    import comfyui_storydiffusion.common.attention as attention
+    import comfyui_storydiffusion.ipadapter.comfy_adapter as adapter
+    import comfyui_storydiffusion.ipadapter.frames as frames
+    import comfyui_storydiffusion.ipadapter.weights as weights
 
+    public = {k: v for module in (weights, frames, attention) for k, v in vars(module).items() if not k.startswith("_")}
+    core = types.SimpleNamespace(**public)
     return types.SimpleNamespace(core=core, comfy=adapter)
 
 
@@ -284,11 +289,12 @@ def test_comfyui_prompt_end_to_end(comfy, comfy_nodes, checkpoint_files, models_
     fx.write_ipadapter(str(models_dir / "ipadapter" / "tiny-ip-adapter_sd15.safetensors"),
                        fx.ipadapter_state_dict(widths, 768, clip_dim=32, dtype=torch.float16))
 
-    def prompt(frames, weight):
+    def prompt(frames, weight, redraw_frame=-1):
         return {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
             "2": {"class_type": "StoryDiffusionIPAdapterLoader", "inputs": {"ipadapter_file": "tiny-ip-adapter_sd15.safetensors"}},
-            "3": {"class_type": "TestFrameEmbeddings", "inputs": {"frames": frames, "dim": 32, "tokens": 5, "seed": 0}},
+            "3": {"class_type": "TestFrameEmbeddings", "inputs": {"frames": frames, "dim": 32, "tokens": 5, "seed": 0,
+                                                                  "redraw_frame": redraw_frame}},
             "4": {"class_type": "StoryDiffusionPerFrameSemanticConditioning",
                   "inputs": {"model": ["1", 0], "ipadapter": ["2", 0], "clip_vision_output": ["3", 0],
                              "weight": weight, "start_percent": 0.0, "end_percent": 1.0}},
@@ -298,11 +304,25 @@ def test_comfyui_prompt_end_to_end(comfy, comfy_nodes, checkpoint_files, models_
             "8": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 1, "steps": 1, "cfg": 4.0,
                                                        "sampler_name": "euler", "scheduler": "normal", "positive": ["5", 0],
                                                        "negative": ["6", 0], "latent_image": ["7", 0], "denoise": 1.0}},
-            "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"ipa_{frames}_{weight}"}},
+            "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0],
+                                                         "filename_prefix": f"ipa_{frames}_{weight}_{redraw_frame}"}},
         }
 
-    outputs = comfy.run(prompt(2, 1.0))
-    assert outputs["9"]["latents"][0]["filename"].startswith("ipa_2_1.0")
+    def latents(outputs):
+        import folder_paths
+        from safetensors.torch import load_file
+
+        saved = outputs["9"]["latents"][0]
+        path = os.path.join(folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])
+        return load_file(path)["latent_tensor"]
+
+    base = latents(comfy.run(prompt(2, 1.0)))
+    redrawn = latents(comfy.run(prompt(2, 1.0, redraw_frame=1)))
+    plain = latents(comfy.run(prompt(2, 0.0)))
+    assert base.shape[0] == 2
+    assert torch.equal(redrawn[0], base[0])  # frame 0 does not see embedding 1
+    assert (redrawn[1] - base[1]).abs().max() > 1e-3  # frame 1 follows its own embedding
+    assert (base[0] - plain[0]).abs().max() > 1e-3  # and frame 0 follows embedding 0
     import harness
 
     with pytest.raises(harness.PromptFailed, match="3 embeddings but the latent batch has 2 frames"):

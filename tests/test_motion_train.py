@@ -27,9 +27,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def train(pack):
-    import comfyui_storydiffusion.motion.train as train
+    """The training loop (motion/training.py) and the command line's main (motion/train.py)."""
+    import types
 
-    return train
+    import comfyui_storydiffusion.motion.train as cli
+    import comfyui_storydiffusion.motion.training as training
+
+    return types.SimpleNamespace(TrainOptions=training.TrainOptions, train=training.train, main=cli.main)
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,12 @@ def test_tiling_leaves_cross_attention_unchanged(pack):
 
 
 def test_chunk_counts_without_a_reasonable_common_length_are_refused(pack):
-    from comfyui_storydiffusion.story import comfy_encode
+    from comfyui_storydiffusion.story import comfy_adapter
 
-    assert comfy_encode.common_token_length([77, 154, 231]) == 462
-    assert comfy_encode.common_token_length([77 * 20, 77 * 20]) == 77 * 20  # equal lengths: no limit
-    with pytest.raises(comfy_encode.ConditioningError, match=r"line 4: 385 tokens.*line 9: 539 tokens"):
-        comfy_encode.common_token_length([385, 539], lines=[4, 9])
+    assert comfy_adapter.common_token_length([77, 154, 231]) == 462
+    assert comfy_adapter.common_token_length([77 * 20, 77 * 20]) == 77 * 20  # equal lengths: no limit
+    with pytest.raises(comfy_adapter.ConditioningError, match=r"line 4: 385 tokens.*line 9: 539 tokens"):
+        comfy_adapter.common_token_length([385, 539], lines=[4, 9])
 
 
 def test_each_latent_gets_its_own_panel_prompt(comfy_nodes, story_node, pack):

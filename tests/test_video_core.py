@@ -1,4 +1,4 @@
-"""motion/video.py: joining arithmetic, streaming encoder, every written file decoded back."""
+"""video/join.py and video/encode.py: joining arithmetic, streaming encoder, every written file decoded back."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +11,13 @@ import torch
 
 @pytest.fixture(scope="module")
 def video(pack):
-    import comfyui_storydiffusion.motion.video as module
+    import types
 
-    return module
+    import comfyui_storydiffusion.video.encode as encode
+    import comfyui_storydiffusion.video.join as join
+
+    names = {k: v for module in (join, encode) for k, v in vars(module).items() if not k.startswith("__")}
+    return types.SimpleNamespace(**names, encode_module=encode)
 
 
 def constant(value: float, frames: int, size=(4, 6)) -> torch.Tensor:
@@ -223,7 +227,7 @@ def test_empty_input_and_bad_fps_are_clear_errors(video, tmp_path):
 
 
 def test_unsupported_format_lists_the_encoders_that_exist(video, monkeypatch):
-    monkeypatch.setattr(video, "_encoder_exists", lambda codec: codec in ("gif", "libvpx"))
+    monkeypatch.setattr(video.encode_module, "_encoder_exists", lambda codec: codec in ("gif", "libvpx"))
     with pytest.raises(video.VideoError) as error:
         video.pick_codec("mp4")
     message = str(error.value)
@@ -237,7 +241,7 @@ def test_mp4_falls_back_to_mpeg4_without_h264(video, tmp_path, monkeypatch):
     import av
 
     real = video._encoder_exists
-    monkeypatch.setattr(video, "_encoder_exists", lambda codec: codec == "mpeg4" and real(codec))
+    monkeypatch.setattr(video.encode_module, "_encoder_exists", lambda codec: codec == "mpeg4" and real(codec))
     result = video.write_video(video.frames_as_uint8(ramp(4), range(4)), str(tmp_path / "f.mp4"), "mp4", 8)
     assert result.codec == "mpeg4"
     with av.open(result.path) as container:
@@ -252,9 +256,7 @@ def test_core_imports_neither_comfyui_nor_pyav_at_import_time():
 
     import comfy_env
 
-    code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('v', {os.path.join(comfy_env.REPO, 'motion', 'video.py')!r}); "
-            "m = importlib.util.module_from_spec(spec); sys.modules['v'] = m; spec.loader.exec_module(m); "
+    code = (f"import sys; sys.path.insert(0, {comfy_env.REPO!r}); import video.encode, video.join; "
             "print(sorted(n for n in sys.modules if n.split('.')[0] in ('comfy', 'folder_paths', 'av', 'PIL', 'cv2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -150,7 +150,7 @@ def test_segments_of_different_sizes_are_resized_to_the_first(comfy_nodes, caplo
 
 
 def test_unsupported_format_names_the_available_encoders(comfy_nodes, output_dir, monkeypatch):
-    import comfyui_storydiffusion.motion.video as core
+    import comfyui_storydiffusion.video.encode as core
 
     monkeypatch.setattr(core, "_encoder_exists", lambda codec: codec == "gif")
     node = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionVideoCombine"]()

@@ -317,8 +317,8 @@ def check_story_characters(server, prompt: dict, outputs: dict, files: list[str]
     _, identity_rows, identity_count, _ = runs["identity"]
     story_select, story_rows, story_count, story_first = runs["story"]
     panels = len(story_inputs["panels"].splitlines())
-    assert (identity_rows, identity_count) == (list(range(make_workflows.STORY_IDENTITY_BATCH)),
-                                               make_workflows.STORY_IDENTITY_BATCH)
+    assert (identity_rows, identity_count) == (list(range(make_workflows.specs.STORY_IDENTITY_BATCH)),
+                                               make_workflows.specs.STORY_IDENTITY_BATCH)
     assert (story_rows, story_count, story_first) == (list(range(4, panels)), panels - 4, 4) and story_count == 8
     # the bank read knows which story panel its first latent is, and runs after the identity run
     read = prompt[_linked(prompt, story_sampler, "model")[0]]
@@ -393,15 +393,15 @@ def test_workflows_are_served_as_templates_with_thumbnails(ui_server):
 
 def test_builder_rejects_specs_that_do_not_match_the_nodes(object_info):
     builder = make_workflows.WorkflowBuilder(object_info, "bad")
-    with pytest.raises(make_workflows.SpecError, match="no widget"):
+    with pytest.raises(make_workflows.builder.SpecError, match="no widget"):
         builder.add("KSampler", widgets={"sed": 1})
-    with pytest.raises(make_workflows.SpecError, match="not one of"):
+    with pytest.raises(make_workflows.builder.SpecError, match="not one of"):
         builder.add("KSampler", widgets={"sampler_name": "no-such-sampler"})
-    with pytest.raises(make_workflows.SpecError, match="not installed"):
+    with pytest.raises(make_workflows.builder.SpecError, match="not installed"):
         builder.add("StoryDiffusionNoSuchNode")
     latent = builder.add("EmptyLatentImage")
     decode = builder.add("VAEDecode")
-    with pytest.raises(make_workflows.SpecError, match="cannot link"):
+    with pytest.raises(make_workflows.builder.SpecError, match="cannot link"):
         builder.connect(latent, 0, decode, "vae")
 
 
@@ -410,10 +410,10 @@ def test_story_characters_runs_cover_every_panel_once_in_order(pack):
     identity panels are exactly panels 0..batch-1 and the story run starts right after them."""
     import comfyui_storydiffusion.story.parse as parse
 
-    story = parse.parse_story(make_workflows.STORY_CHARACTERS, make_workflows.STORY_PANELS,
-                              make_workflows.STORY_IDENTITY_PANELS)
+    story = parse.parse_story(make_workflows.specs.STORY_CHARACTERS, make_workflows.specs.STORY_PANELS,
+                              make_workflows.specs.STORY_IDENTITY_PANELS)
     identity = sorted({i for panels in story.identity_panels.values() for i in panels})
-    assert identity == list(range(make_workflows.STORY_IDENTITY_BATCH))
-    assert make_workflows.STORY_RUN_FIRST_PANEL == len(identity)
+    assert identity == list(range(make_workflows.specs.STORY_IDENTITY_BATCH))
+    assert make_workflows.specs.STORY_RUN_FIRST_PANEL == len(identity)
     assert len(story.panels) == 12 and len(story.identity_panels) == 2
     assert any(not panel.characters for panel in story.panels)  # [NC] panels

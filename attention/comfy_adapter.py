@@ -1,4 +1,4 @@
-"""ComfyUI adapter for Consistent Self-Attention: the only module of attention/ that speaks ComfyUI.
+"""The one module of attention/ that speaks ComfyUI: Consistent Self-Attention on a MODEL clone.
 
 `patch_model` clones a MODEL and installs an attn1 *replace* on the selected transformer blocks of
 its UNet. ComfyUI hands the replace q/k/v already projected, for all rows of one model call
@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..common import comfy_adapter as glue
 from . import core
 from .bank import BankError, IdentityBank, looks_like_bank_file
 from .schedule import Schedule, layer_ordinal, select_layers, step_index
@@ -29,7 +30,8 @@ from .schedule import Schedule, layer_ordinal, select_layers, step_index
 CONFIG_KEY = "storydiffusion_csa"
 RUN_KEY = "storydiffusion_csa_run"
 WRAPPER_KEY = "storydiffusion_csa"
-BANK_FOLDER = "storydiffusion"
+BANK_FOLDER = "storydiffusion"  # shared with motion predictors: each loader lists only its own files
+BANK_EXTENSIONS = (".safetensors",)
 
 MODE_BATCH, MODE_WRITE, MODE_READ = "batch", "write", "read"
 
@@ -208,7 +210,7 @@ class LayerReplace:
     def plain(self, q, k, v, extra_options):
         if self.inner is not None:
             return self.inner(q, k, v, extra_options)
-        return _comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
+        return glue.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     def __call__(self, q, k, v, extra_options):
         config: Optional[CSAConfig] = extra_options.get(CONFIG_KEY)
@@ -247,19 +249,7 @@ class LayerReplace:
             return self.plain(q, k, v, extra_options)
         return core.consistent_attention(q, k, v, extra_options["n_heads"], chunks=chunks, share=run.share,
                                          sampled=sampled, window=config.window, bank=bank,
-                                         attention=_comfy_attention(extra_options))
-
-
-def _comfy_attention(extra_options):
-    """ComfyUI's own attention kernel (xformers/sdpa/sage/... as the user configured), as core expects it."""
-    import comfy.ldm.modules.attention as attention
-
-    precision = extra_options.get("attn_precision")
-
-    def attend(q, k, v, heads):
-        return attention.optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
-
-    return attend
+                                         attention=glue.comfy_attention(extra_options))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,14 +261,10 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
     """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched)."""
     import comfy.patcher_extension
 
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise PatchError(f"start_percent ({start_percent}) must be at most end_percent ({end_percent}), both in 0..1")
     available, high_res = unet_layers(model)
+    sigmas = glue.sigma_window(model, start_percent, end_percent)
     layers = select_layers(available, layer_choice, custom_layers)
-    sampling = model.get_model_object("model_sampling")
-    schedule = Schedule(start_sigma=float(sampling.percent_to_sigma(start_percent)),
-                        end_sigma=float(sampling.percent_to_sigma(end_percent)),
-                        official=official_schedule, seed=int(seed))
+    schedule = Schedule(window=sigmas, official=official_schedule, seed=int(seed))
     panel_characters = identity_rows = None
     if story is not None:
         panel_characters = tuple(tuple(p.characters) for p in story.panels)
@@ -323,30 +309,15 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0):
 # bank files
 
 
-def bank_folder_paths() -> list[str]:
-    """The `storydiffusion` models folder(s), registered with folder_paths on first use."""
-    import folder_paths
-
-    if BANK_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(BANK_FOLDER, os.path.join(folder_paths.models_dir, BANK_FOLDER))
-    return folder_paths.get_folder_paths(BANK_FOLDER)
-
-
 def list_bank_files() -> list[str]:
-    import folder_paths
-
-    bank_folder_paths()
-    return [f for f in folder_paths.get_filename_list(BANK_FOLDER)
-            if f.endswith(".safetensors") and looks_like_bank_file(folder_paths.get_full_path(BANK_FOLDER, f))]
+    return glue.model_files(BANK_FOLDER, BANK_EXTENSIONS, looks_like_bank_file)
 
 
 def load_bank_file(name: str, storage: str) -> IdentityBank:
-    import folder_paths
-
-    bank_folder_paths()
-    path = folder_paths.get_full_path(BANK_FOLDER, name)
+    path = glue.model_file_path(BANK_FOLDER, name, BANK_EXTENSIONS)
     if path is None:
-        raise BankError(f"identity bank {name!r} is not in the models/{BANK_FOLDER} folder(s): {bank_folder_paths()}")
+        raise BankError(f"identity bank {name!r} is not in the models/{BANK_FOLDER} folder(s): "
+                        f"{glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)}")
     return IdentityBank.load(path, storage=storage)
 
 

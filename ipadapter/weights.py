@@ -1,4 +1,4 @@
-"""IP-Adapter weight files and decoupled cross-attention, in plain torch (no ComfyUI).
+"""IP-Adapter weight files: what a file holds, and its image projection, in plain torch (no ComfyUI).
 
 Stage 2 of StoryDiffusion steers each video frame with its own (predicted) CLIP image embedding.
 The authors never released their conditioning weights, so the pack reuses the public IP-Adapter
@@ -8,7 +8,7 @@ cross-attention of the UNet,
     out = Attention(q, K_text, V_text) + weight * Attention(q, to_k_ip(tokens), to_v_ip(tokens)),
 
 where `tokens` are the CLIP image embedding projected to a few context tokens. Here frame j of the
-latent batch gets the tokens of embedding j (`route_frames`).
+latent batch gets the tokens of embedding j (frames.py).
 
 Facts about the public files (tencent-ailab/IP-Adapter, cubiq/ComfyUI_IPAdapter_plus):
 - A `.bin` is a torch pickle `{"image_proj": {...}, "ip_adapter": {...}}`; a `.safetensors` is flat
@@ -36,8 +36,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..common.attention import multihead_attention
 
 IMAGE_PROJ = "image_proj"
 IP_ADAPTER = "ip_adapter"
@@ -55,10 +56,6 @@ def family_name(context_dim: int) -> str:
 
 class IPAdapterFormatError(ValueError):
     """The file is not a usable IP-Adapter weight file; the message says what is wrong."""
-
-
-class FrameCountError(ValueError):
-    """The number of embeddings does not match the number of latent frames."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,67 +310,3 @@ class IPAdapter:
                 f"{spec.clip_dim}, but got embeddings of shape {tuple(embeds.shape)}. Encode the frames with the CLIP "
                 f"vision model the adapter was trained with (e.g. ViT-H/14 for *_vit-h / SD1.5 files).")
         return self.projection(embeds.float().cpu())
-
-
-# ---------------------------------------------------------------------------------------------------
-# per-frame decoupled cross-attention
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Scaled dot-product attention on [batch, tokens, heads*dim] tensors (ComfyUI's layout)."""
-    b, n, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.reshape(t.shape[0], -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, inner)
-
-
-def route_frames(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond, rows: int,
-                 frame_indices=None) -> torch.Tensor:
-    """Per-row image tokens for a model batch laid out as chunks of the latent batch.
-
-    The batch is `len(cond_or_uncond)` chunks of B frames each (0 = positive, 1 = negative); row
-    c*B + j is frame j of chunk c, so it gets `cond[j]` or `uncond[j]`. One embedding is shared by
-    every frame. `frame_indices` selects frames of a longer sequence (AnimateDiff context windows).
-    """
-    chunks = len(cond_or_uncond)
-    if chunks == 0 or rows % chunks:
-        raise ValueError(f"model batch of {rows} rows cannot be split into {chunks} cond/uncond chunks")
-    frames = rows // chunks
-    count = cond.shape[0]
-    if frame_indices is not None and count > 1 and count != frames:
-        index = torch.as_tensor(list(frame_indices), dtype=torch.long, device=cond.device)
-        if len(index) == frames and int(index.max()) < count:
-            cond, uncond = cond[index], uncond[index]
-            count = frames
-    if count == 1 and frames > 1:
-        cond, uncond = cond.expand(frames, *cond.shape[1:]), uncond.expand(frames, *uncond.shape[1:])
-    elif count != frames:
-        raise FrameCountError(
-            f"Per-frame conditioning got {count} embeddings but the latent batch has {frames} frames: give one "
-            f"embedding per frame (same batch size as the latent) or a single embedding for all frames.")
-    return torch.cat([(cond, uncond)[int(c)] for c in cond_or_uncond], dim=0)
-
-
-def image_attention(q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, heads: int, attention=multihead_attention):
-    """The IP branch of decoupled cross-attention: the same query attends to the image tokens."""
-    return attention(q, k_ip, v_ip, heads)
-
-
-def decoupled_cross_attention(q, k_text, v_text, k_ip, v_ip, heads: int, weight: float, attention=multihead_attention):
-    """out = Attention(q, K_text, V_text) + weight * Attention(q, K_ip, V_ip)  (IP-Adapter, Ye et al. 2023)."""
-    out = attention(q, k_text, v_text, heads)
-    if weight == 0:
-        return out
-    return out + weight * image_attention(q, k_ip, v_ip, heads, attention)
-
-
-def zero_embeddings_like(embeds: torch.Tensor) -> torch.Tensor:
-    """IP-Adapter's unconditional image input: zeros (its training drops the image that way)."""
-    return torch.zeros_like(embeds)
-
-
-__all__ = ["IPAdapter", "IPAdapterSpec", "IPAdapterFormatError", "FrameCountError", "load_ipadapter_file",
-           "group_state_dict", "inspect_ipadapter", "build_image_projection", "route_frames",
-           "decoupled_cross_attention", "image_attention", "multihead_attention", "family_name",
-           "zero_embeddings_like"]

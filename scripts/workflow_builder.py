@@ -1,0 +1,251 @@
+"""A UI-format (0.4) workflow builder over a live `/object_info`: the generic half of make_workflows.
+
+Why: the frontend restores widget values by *position* (`widgets_values`), in the order of the
+node's inputs in `/object_info` (`input_order`), with an extra "control after generate" value after
+every seed. Hand-edited JSON silently shifts when a node gains an input; building from the live
+`/object_info` keeps every value on its widget. Specs (workflow_specs.py) only say which nodes,
+widgets and links a workflow has.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these even without the flag
+COLUMN_WIDTH = 400
+
+
+class ModelFile(str):
+    """A widget value that names a file in a ComfyUI models folder (not checked against the combo:
+    the list depends on the user's disk). `kind` tells the tests which tiny random file to write."""
+
+    def __new__(cls, folder: str, name: str, kind: str):
+        value = super().__new__(cls, name)
+        value.folder, value.kind = folder, kind
+        return value
+
+
+class SpecError(ValueError):
+    """A workflow spec does not match the nodes that are installed (rerun after fixing the spec)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# one node's inputs as the frontend sees them
+
+
+def node_inputs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) for the required then optional inputs, in the frontend's order."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in order.get(section, []):
+            spec = specs[name]
+            out.append((name, spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}))
+    return out
+
+
+def is_widget(kind, options: dict) -> bool:
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def combo_options(kind, options: dict) -> list:
+    return kind if isinstance(kind, list) else list(options.get("options", []))
+
+
+def default_value(kind, options: dict):
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = combo_options(kind, options)
+        return choices[0] if choices else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+def widget_slots(name: str, kind, options: dict, value) -> list:
+    """The widgets_values entries one input contributes (value, then the widgets the frontend adds)."""
+    values = [value]
+    if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
+        values.append("fixed")  # "control after generate": never change a shipped seed on queue
+    if options.get("image_upload"):
+        values.append("image")  # LoadImage's upload button widget stores its kind
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# the builder
+
+
+@dataclass
+class _Node:
+    id: int
+    type: str
+    pos: list
+    size: list
+    title: str | None
+    widgets: dict
+    inputs: list = field(default_factory=list)  # dicts as saved
+    outputs: list = field(default_factory=list)
+    widgets_values: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class WorkflowBuilder:
+    """Adds nodes and links by name; checks every name and value against /object_info."""
+
+    def __init__(self, object_info: dict, name: str):
+        self.info = object_info
+        self.name = name
+        self.nodes: list[_Node] = []
+        self.links: list[list] = []
+        self.column_y: dict[int, float] = {}
+        self.models: dict[str, dict[str, str]] = {}  # models folder -> {file name: kind}
+
+    def _place(self, column: int, height: float) -> list:
+        y = self.column_y.get(column, 80.0)
+        self.column_y[column] = y + height + 70
+        return [60 + column * COLUMN_WIDTH, y]
+
+    def add(self, node_type: str, column: int = 0, widgets: dict | None = None, title: str | None = None,
+            width: float = 340) -> int:
+        """A node of `node_type` in layout column `column`; unnamed widgets keep their defaults."""
+        if node_type not in self.info:
+            raise SpecError(f"{self.name}: node type {node_type!r} is not installed")
+        info = self.info[node_type]
+        widgets = dict(widgets or {})
+        inputs = node_inputs(info)
+        known = {n for n, k, o in inputs if is_widget(k, o)}
+        unknown = set(widgets) - known
+        if unknown:
+            raise SpecError(f"{self.name}: {node_type} has no widget {sorted(unknown)} (widgets: {sorted(known)})")
+        values, sockets, lines = [], [], 0
+        for name, kind, options in inputs:
+            if not is_widget(kind, options):
+                sockets.append({"name": name, "type": kind, "link": None})
+                continue
+            value = widgets.get(name, default_value(kind, options))
+            choices = combo_options(kind, options) if (isinstance(kind, list) or kind == "COMBO") else []
+            if isinstance(value, ModelFile):
+                self.models.setdefault(value.folder, {})[str(value)] = value.kind
+                value = str(value)
+            elif choices and value not in choices:
+                raise SpecError(f"{self.name}: {node_type}.{name} = {value!r} is not one of {choices}")
+            values += widget_slots(name, kind, options, value)
+            lines += 5 if (kind == "STRING" and options.get("multiline")) else 1
+        outputs = [{"name": out_name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [], "slot_index": i}
+                   for i, (out_name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+        height = 40 + 26 * max(len(sockets), len(outputs)) + 28 * lines
+        node = _Node(len(self.nodes) + 1, node_type, [0, 0], [width, height], title, widgets,
+                     sockets, outputs, values)
+        node.pos = self._place(column, height)
+        self.nodes.append(node)
+        return node.id
+
+    def note(self, text: str, column: int = 0, title: str = "Note", width: float = 340, height: float = 160) -> int:
+        """A MarkdownNote (frontend-only: never part of the API prompt)."""
+        node = _Node(len(self.nodes) + 1, "MarkdownNote", [0, 0], [width, height], title, {}, [], [], [text])
+        node.pos = self._place(column, height)
+        node.extra = {"color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node.id
+
+    def connect(self, src: int, output: str | int, dst: int, input_name: str) -> None:
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        if isinstance(output, str):
+            matches = [o for o in source.outputs if o["name"] == output]
+            if not matches:
+                raise SpecError(f"{self.name}: {source.type} has no output {output!r} "
+                                f"(outputs: {[o['name'] for o in source.outputs]})")
+            out = matches[0]
+        else:
+            out = source.outputs[output]
+        slot = next((i for i, s in enumerate(target.inputs) if s["name"] == input_name), None)
+        if slot is None:
+            slot = self._widget_to_socket(target, input_name)
+        socket = target.inputs[slot]
+        if socket["link"] is not None:
+            raise SpecError(f"{self.name}: {target.type}.{input_name} is linked twice")
+        if not _types_match(out["type"], socket["type"]):
+            raise SpecError(f"{self.name}: cannot link {source.type}.{out['name']} ({out['type']}) "
+                            f"to {target.type}.{input_name} ({socket['type']})")
+        link_id = len(self.links) + 1
+        socket["link"] = link_id
+        out["links"].append(link_id)
+        self.links.append([link_id, source.id, out["slot_index"], target.id, slot, out["type"]])
+
+    def _widget_to_socket(self, node: _Node, input_name: str) -> int:
+        """Linking into a widget: the frontend saves such inputs after the sockets, with `widget`."""
+        for name, kind, options in node_inputs(self.info[node.type]):
+            if name == input_name and is_widget(kind, options):
+                node.inputs.append({"name": name, "type": "COMBO" if isinstance(kind, list) else kind,
+                                    "widget": {"name": name}, "link": None})
+                return len(node.inputs) - 1
+        raise SpecError(f"{self.name}: {node.type} has no input {input_name!r}")
+
+    def build(self) -> dict:
+        nodes = []
+        for order, node in enumerate(self._execution_order()):
+            entry = {"id": node.id, "type": node.type, "pos": node.pos, "size": node.size, "flags": {},
+                     "order": order, "mode": 0, "inputs": node.inputs, "outputs": node.outputs,
+                     "properties": {} if node.type == "MarkdownNote" else {"Node name for S&R": node.type},
+                     "widgets_values": node.widgets_values}
+            if node.title:
+                entry["title"] = node.title
+            entry.update(node.extra)
+            nodes.append(entry)
+        nodes.sort(key=lambda n: n["id"])
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-storydiffusion/workflows/{self.name}")),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+        }
+
+    def _execution_order(self) -> list[_Node]:
+        done, order = set(), []
+        parents = {n.id: {link[1] for link in self.links if link[3] == n.id} for n in self.nodes}
+        while len(order) < len(self.nodes):
+            ready = [n for n in self.nodes if n.id not in done and parents[n.id] <= done]
+            if not ready:
+                raise SpecError(f"{self.name}: the links form a cycle")
+            order.append(ready[0])
+            done.add(ready[0].id)
+        return order
+
+
+def _types_match(out_type: str, in_type) -> bool:
+    if out_type == "*" or in_type == "*":
+        return True
+    return bool(set(str(out_type).split(",")) & set(str(in_type).split(",")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# a workflow spec
+
+
+@dataclass(frozen=True)
+class Workflow:
+    build: Callable[[WorkflowBuilder], None]
+    description: str
+    outputs: tuple  # file extensions the run must write, e.g. (".png",)
+    shipped: bool = True  # False: test-only (not written to workflows/)
+    video_frames: int | None = None  # frames the written video must decode to (video workflows)
+
+
+
+def sample_and_decode(b: WorkflowBuilder, sampler: int, decode: int, *, model: tuple, positive: tuple,
+                      negative: tuple, latent: tuple, vae: tuple) -> None:
+    """Wire a KSampler and its VAE Decode; each input is a (node, output) pair. Every spec does this."""
+    b.connect(*model, sampler, "model")
+    b.connect(*positive, sampler, "positive")
+    b.connect(*negative, sampler, "negative")
+    b.connect(*latent, sampler, "latent_image")
+    b.connect(sampler, 0, decode, "samples")
+    b.connect(*vae, decode, "vae")
+
+
+def render(workflow: dict) -> str:
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"

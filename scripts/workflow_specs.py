@@ -1,0 +1,281 @@
+"""The shared workflows, one spec each: which nodes, widget values and links (workflow_builder.py lays
+them out and checks them against `/object_info`). Adding a workflow = a function here + a WORKFLOWS
+entry; `python scripts/make_workflows.py` writes workflows/<name>.json.
+
+Each spec is a function `build(b: WorkflowBuilder)`; `WORKFLOWS` also records the model files a
+workflow references (the tests write tiny random files with exactly those names).
+"""
+from __future__ import annotations
+
+from workflow_builder import ModelFile, Workflow, WorkflowBuilder, sample_and_decode
+
+SD15_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15")
+SDXL_CHECKPOINT = ModelFile("checkpoints", "sd_xl_base_1.0.safetensors", "sdxl")
+
+
+def core_sd15(b: WorkflowBuilder) -> None:
+    """ComfyUI core nodes only: proves the browser harness independently of the pack."""
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    latent = b.add("EmptyLatentImage", 0, {"width": 64, "height": 64, "batch_size": 1})
+    pos = b.add("CLIPTextEncode", 1, {"text": "a red fox reading a comic"})
+    neg = b.add("CLIPTextEncode", 1, {"text": "blurry"})
+    sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 3)
+    save = b.add("SaveImage", 3, {"filename_prefix": "core_sd15"})
+    b.connect(ckpt, "CLIP", pos, "clip")
+    b.connect(ckpt, "CLIP", neg, "clip")
+    sample_and_decode(b, sampler, decode, model=(ckpt, "MODEL"), positive=(pos, 0),
+                      negative=(neg, 0), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, save, "images")
+
+
+def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, story_widgets: dict,
+                   prefix: str, size: int, page_widgets: dict, csa_widgets: dict | None = None) -> int:
+    """Story -> consistent attention -> one KSampler over all panels -> comic page (shared by the specs)."""
+    story = b.add("StoryDiffusionStory", 1, story_widgets, width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, dict({"seed": 7}, **(csa_widgets or {})))
+    latent = b.add("EmptyLatentImage", 2, {"width": size, "height": size})
+    sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2 if size <= 64 else 25, "cfg": 5.0})
+    decode = b.add("VAEDecode", 3)
+    page = b.add("StoryDiffusionComicPage", 3, page_widgets)
+    save = b.add("SaveImage", 4, {"filename_prefix": prefix})
+    b.connect(*clip_out, story, "clip")
+    b.connect(*model_out, csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(story, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(story, "positive"),
+                      negative=(story, "negative"), latent=(latent, 0), vae=vae_out)
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+    return story
+
+
+# Sizes: the shipped files are run by the tests on tiny random checkpoints, so latents stay small
+# (64 px, 2 steps); the notes tell users to raise them (SD1.5: 512, SDXL: 1024, 25+ steps).
+TEST_SIZE = 64
+SIZE_NOTE = ("**Before a real run:** set Empty Latent Image to 512×512 (SD1.5) or 1024×1024 (SDXL) and "
+             "KSampler steps to 25–50. The file ships at 64 px / 2 steps so CI can run it on tiny models.")
+
+
+def comic_sd15(b: WorkflowBuilder) -> None:
+    """Story -> Consistent Self-Attention -> KSampler -> comic page, on any SD1.5 checkpoint."""
+    b.note("## StoryDiffusion comic (SD1.5)\nOne line per panel in **Story**; `[Name]` puts a character in "
+           "a panel. Consistent Self-Attention shares tokens between panels so faces and clothes match.\n\n"
+           "Checkpoint: any SD1.5 model in `models/checkpoints`.\n\n" + SIZE_NOTE, 0, height=260)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    _story_to_page(b, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), {"style": "Comic book"}, "storydiffusion/comic_sd15",
+                   TEST_SIZE, {"layout": "classic comic", "page_width": 512})
+
+
+STORY_CHARACTERS = "\n".join([
+    "[Mia] a young woman with short red hair, green raincoat",
+    "[Leo] an old man with a white beard, blue sweater",
+])
+# Identity panels first: with identity_panels=2 the story's identity panels are 0-3 (Mia, Mia, Leo, Leo), so
+# the identity run ("identity panels") and the story run ("panel range" from panel 4 to the end) together
+# cover every panel once, and joining their images (identity first) gives the story order.
+STORY_PANELS = "\n".join([
+    "[Mia] wakes up in a small attic room # Monday.",
+    "[Mia] drinks coffee by the window # Rain again.",
+    "[Leo] walks his dog in the rain # Same as every day.",
+    "[Leo] buys a newspaper at the kiosk",
+    "[NC] a rainy city street at dawn",
+    "[Mia] waits at a bus stop with an umbrella",
+    "[Mia] and [Leo] share the umbrella # \"Is this seat taken?\"",
+    "[NC] a red bus driving through puddles",
+    "[Mia] and [Leo] laugh on the bus",
+    "[Leo] shows a photo of his dog # His name is Biscuit.",
+    "[Mia] waves goodbye at her stop # See you tomorrow!",
+    "[NC] the sun breaks through the clouds over the city # The End.",
+])
+STORY_IDENTITY_PANELS = 2  # per character
+STORY_IDENTITY_BATCH = 4  # 2 characters x 2: panels 0-3
+STORY_RUN_FIRST_PANEL = STORY_IDENTITY_BATCH  # the story run samples panels 4-11 (count 0 = to the end)
+
+
+def story_characters(b: WorkflowBuilder) -> None:
+    """Two characters, [NC] panels, 12 panels: the identity run samples only the identity panels and writes the
+    identity bank; the story run samples only the other panels and reads it; the page joins both runs."""
+    b.note("## Two characters, twelve panels, identity bank\nEach character is defined once (`[Name] description`); "
+           "`[NC]` panels show no character and share nothing. The panels are sampled in two smaller runs instead of "
+           "one batch of twelve, so memory grows with the identity panels, not with the story.\n\n"
+           "**1. Identity run (panels 1–4):** **Select Story Panels** (`identity panels`) picks the first "
+           "**identity_panels** panels of each character (put them first in the story) and their batch size; they are "
+           "sampled together with **Identity Bank Write**, which stores the tokens they share.\n\n"
+           "**2. Story run (panels 5–12):** **Select Story Panels** (`panel range`, first_panel 4, count 0 = to the "
+           "end) picks the other panels; its `first_panel` tells **Identity Bank Read** which story panel each latent "
+           "is, so every panel attends to the stored tokens of its characters. Its `after` input (the identity "
+           "LATENT) runs the identity run first. Lower `count` and raise `first_panel` to sample a few panels at a "
+           "time.\n\n**Page:** Batch Images joins both runs in story order (identity panels first), Comic Page "
+           "captions them. **Save Identity Bank** keeps the characters for another session (Load Identity Bank).\n\n"
+           + SIZE_NOTE, 0, height=620, width=380)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
+                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
+                  width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
+    # identity run
+    identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
+                            title="Select Story Panels (identity run)")
+    write = b.add("StoryDiffusionIdentityBankWrite", 2)
+    identity_latent = b.add("EmptyLatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE},
+                            title="Identity panels latent")
+    identity_sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (identity run)")
+    identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    # story run: another seed, else its first panels would start from the identity panels' noise
+    story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panel range", "first_panel": STORY_RUN_FIRST_PANEL,
+                                                          "count": 0}, title="Select Story Panels (story run)")
+    read = b.add("StoryDiffusionIdentityBankRead", 3)
+    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE}, title="Story panels latent")
+    sampler = b.add("KSampler", 3, {"seed": 43, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
+    decode = b.add("VAEDecode", 3, title="VAE Decode (story run)")
+    # page
+    panels = b.add("ImageBatch", 4, title="Batch Images (identity + story panels)")
+    page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
+    save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_characters"})
+    save_bank = b.add("StoryDiffusionSaveIdentityBank", 4, {"filename_prefix": "storydiffusion/story_characters_bank"})
+
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "MODEL", csa, "model")
+    b.connect(story, "story", csa, "story")
+    for select in (identity_select, story_select):
+        b.connect(story, "positive", select, "positive")
+        b.connect(story, "negative", select, "negative")
+        b.connect(story, "story", select, "story")
+    b.connect(csa, "model", write, "model")
+    b.connect(identity_select, "panel_count", identity_latent, "batch_size")
+    sample_and_decode(b, identity_sampler, identity_decode, model=(write, "model"),
+                      positive=(identity_select, "positive"), negative=(identity_select, "negative"),
+                      latent=(identity_latent, 0), vae=(ckpt, "VAE"))
+    b.connect(csa, "model", read, "model")
+    b.connect(write, "bank", read, "bank")
+    b.connect(story_select, "first_panel", read, "first_panel")
+    b.connect(identity_sampler, 0, read, "after")
+    b.connect(story_select, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(read, "model"), positive=(story_select, "positive"),
+                      negative=(story_select, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(identity_decode, 0, panels, "image1")
+    b.connect(decode, 0, panels, "image2")
+    b.connect(panels, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+    b.connect(write, "bank", save_bank, "bank")
+    b.connect(identity_sampler, 0, save_bank, "after")
+
+
+PHOTOMAKER_FILE = ModelFile("photomaker", "photomaker-v1.bin", "photomaker")
+
+
+def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
+    """Reference photos -> PhotoMaker ID fuse per panel + Consistent Self-Attention (SDXL) -> comic page."""
+    b.note("## Your character from photos (SDXL + PhotoMaker)\nPut 1–4 photos of one person in **Load Image** "
+           "(batch them with Batch Images). Write the class word and trigger in the character line, e.g. "
+           "`[Ann] a woman img`. Files: an SDXL checkpoint in `models/checkpoints`, `photomaker-v1.bin` in "
+           "`models/photomaker`.\n\n" + SIZE_NOTE, 0, height=300)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SDXL_CHECKPOINT})
+    photomaker = b.add("StoryDiffusionPhotoMakerLoader", 0, {"photomaker_name": PHOTOMAKER_FILE})
+    photo_a = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_1.png", "photo")})
+    photo_b = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_2.png", "photo")})
+    photos = b.add("ImageBatch", 1)
+    lora = b.add("StoryDiffusionPhotoMakerApplyLoRA", 1)
+    character = b.add("StoryDiffusionPhotoMakerCharacter", 1, {"name": "Ann", "trigger_word": "img"})
+    b.connect(photo_a, "IMAGE", photos, "image1")
+    b.connect(photo_b, "IMAGE", photos, "image2")
+    b.connect(ckpt, "MODEL", lora, "model")
+    b.connect(photomaker, 0, lora, "photomaker")
+    b.connect(photos, 0, character, "images")
+    story = b.add("StoryDiffusionStory", 2, {
+        "characters": "[Ann] a woman img, curly black hair, yellow jacket",
+        "panels": "[Ann] reads a map at a train station # Where to?\n[Ann] looks out of a train window\n"
+                  "[NC] mountains and a lake seen from a train\n[Ann] arrives in a snowy village # Finally.",
+        "style": "Comic book", "identity_panels": 2}, width=420)
+    fuse = b.add("StoryDiffusionPhotoMakerFuse", 2, {"trigger_word": "img", "start_merge": 0.1})
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 3, {"seed": 7})
+    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 4, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 4)
+    page = b.add("StoryDiffusionComicPage", 5, {"layout": "horizontal strip", "page_width": 768})
+    save = b.add("SaveImage", 5, {"filename_prefix": "storydiffusion/comic_sdxl_photomaker"})
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "CLIP", fuse, "clip")
+    b.connect(photomaker, 0, fuse, "photomaker")
+    b.connect(character, 0, fuse, "characters")
+    b.connect(story, "story", fuse, "story")
+    b.connect(lora, 0, csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(story, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(fuse, 0),
+                      negative=(story, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+
+
+CLIP_VISION_FILE = ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_vit_l")
+IPADAPTER_SD15_FILE = ModelFile("ipadapter", "ip-adapter_sd15.safetensors", "ipadapter_sd15")
+VIDEO_PANELS = 3
+VIDEO_FRAMES_PER_TRANSITION = 4
+# StoryVideo with overlap 1: adjacent transitions share their panel frame
+VIDEO_FRAMES = (VIDEO_PANELS - 1) * VIDEO_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+
+
+def story_to_video(b: WorkflowBuilder) -> None:
+    """Panels -> panel pairs -> semantic motion predictor -> per-frame IP-Adapter conditioning -> frames -> video."""
+    b.note("## Story panels to video (SD1.5 + IP-Adapter)\nLoad your panels in order (e.g. from a comic run). "
+           "**Panel Pairs** turns them into transitions; for each one the **Semantic Motion Predictor** encodes "
+           "both panels with CLIP vision and predicts one embedding per frame, **Per-Frame Semantic Conditioning** "
+           "makes latent frame *j* follow embedding *j*, and **Story Video** joins the transitions.\n\n"
+           "Files: an SD1.5 checkpoint, `ip-adapter_sd15.safetensors` in `models/ipadapter`, its CLIP vision "
+           "model (ViT-H) in `models/clip_vision`. A trained predictor (Motion Predictor Loader) can be connected "
+           "to **predictor**; unconnected = training-free interpolation.\n\n"
+           "**Before a real run:** 512×512, 25+ steps, 16 frames per transition.", 0, height=340)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
+    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
+              for i in range(VIDEO_PANELS)]
+    batch = panels[0]
+    for panel in panels[1:]:
+        joined = b.add("ImageBatch", 2)
+        b.connect(batch, "IMAGE", joined, "image1")
+        b.connect(panel, "IMAGE", joined, "image2")
+        batch = joined
+    pairs = b.add("StoryDiffusionPanelPairs", 2)
+    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
+                   {"frames": VIDEO_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
+    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": IPADAPTER_SD15_FILE})
+    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    pos = b.add("CLIPTextEncode", 4, {"text": "a comic character walking through a rainy city, comic book style"})
+    neg = b.add("CLIPTextEncode", 4, {"text": "blurry, watermark, text"})
+    latent = b.add("EmptyLatentImage", 4, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 5, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 5)
+    video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 8.0, "overlap": 1})
+    combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4", "filename_prefix": "storydiffusion/story_to_video"})
+    b.connect(batch, "IMAGE", pairs, "panels")
+    b.connect(clip_vision, 0, motion, "clip_vision")
+    b.connect(pairs, "start_images", motion, "start")
+    b.connect(pairs, "end_images", motion, "end")
+    b.connect(ckpt, "MODEL", per_frame, "model")
+    b.connect(ipadapter, 0, per_frame, "ipadapter")
+    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
+    b.connect(ckpt, "CLIP", pos, "clip")
+    b.connect(ckpt, "CLIP", neg, "clip")
+    b.connect(motion, "total_frames", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(per_frame, "model"), positive=(pos, 0),
+                      negative=(neg, 0), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, video, "segments")
+    b.connect(video, "frames", combine, "images")
+    b.connect(video, "fps", combine, "fps")
+
+
+WORKFLOWS: dict[str, Workflow] = {
+    "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
+    "comic_sd15": Workflow(comic_sd15, "Story -> Consistent Self-Attention -> KSampler -> comic page (SD1.5)", (".png",)),
+    "story_characters": Workflow(story_characters, "Two characters, [NC] panels, 12 panels, identity bank",
+                                 (".png",)),
+    "comic_sdxl_photomaker": Workflow(comic_sdxl_photomaker, "Reference photos -> PhotoMaker ID fuse + "
+                                      "Consistent Self-Attention (SDXL) -> comic page", (".png",)),
+    "story_to_video": Workflow(story_to_video, "Panels -> panel pairs -> semantic motion predictor -> per-frame "
+                               "IP-Adapter conditioning -> frames -> story video", (".mp4",), video_frames=VIDEO_FRAMES),
+}
