@@ -4,11 +4,14 @@ Characters, one per line:   [Name] description
 Panels, one per line:       prompt text that names [Name] and [Other] # caption shown on the page
                             [NC] a panel with no character # optional caption
 
+The caption starts after the LAST `#` of a line (the official StoryDiffusion rule): in
+`[Bob] stands # part one # part two` the caption is "part two" and the prompt "[Bob] stands # part one".
+
 `[Name]` in a panel is replaced by that character's description (as the official demo does) and
 recorded in Panel.characters. With exactly one character defined, a panel that names nobody shows
 that character (its description is put in front), which is the classic one-hero StoryDiffusion
-story. `\\[` and `\\]` write literal brackets. Blank lines are skipped; line numbers in errors count
-them, so they match what the user sees in the text box.
+story. `\\[` and `\\]` write literal brackets, `\\#` a literal `#` (never a caption start). Blank
+lines are skipped; line numbers in errors count them, so they match what the user sees in the text box.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import re
 from .model import NO_CHARACTER, Character, Panel, Story
 
 CAPTION_SEPARATOR = "#"
-_ESCAPED_OPEN, _ESCAPED_CLOSE = "\x00", "\x01"  # placeholders for \[ and \] while parsing
+_ESCAPED_OPEN, _ESCAPED_CLOSE, _ESCAPED_HASH = "\x00", "\x01", "\x02"  # placeholders for \[ \] \# while parsing
 
 
 class StoryError(ValueError):
@@ -37,11 +40,11 @@ def _lines(text: str):
 
 
 def _protect_escapes(text: str) -> str:
-    return text.replace("\\[", _ESCAPED_OPEN).replace("\\]", _ESCAPED_CLOSE)
+    return text.replace("\\[", _ESCAPED_OPEN).replace("\\]", _ESCAPED_CLOSE).replace("\\#", _ESCAPED_HASH)
 
 
 def _restore_escapes(text: str) -> str:
-    return text.replace(_ESCAPED_OPEN, "[").replace(_ESCAPED_CLOSE, "]")
+    return text.replace(_ESCAPED_OPEN, "[").replace(_ESCAPED_CLOSE, "]").replace(_ESCAPED_HASH, "#")
 
 
 def _tidy(text: str) -> str:
@@ -91,7 +94,10 @@ def parse_panel(line: str, number: int, characters: dict[str, Character]) -> Pan
     """One panel line -> Panel with character tags replaced by descriptions."""
     where = "panels"
     text = _protect_escapes(line)
-    prompt_part, separator, caption = text.partition(CAPTION_SEPARATOR)
+    # the LAST unescaped '#' starts the caption (official rule); earlier ones stay in the prompt
+    prompt_part, separator, caption = text.rpartition(CAPTION_SEPARATOR)
+    if not separator:
+        prompt_part = text
     caption = _restore_escapes(caption.strip()) if separator else ""
     names: list[str] = []
     no_character = False
