@@ -14,3 +14,4 @@ CHARACTERS_TYPE = "STORYDIFFUSION_PHOTOMAKER_CHARACTERS"  # tuple of identity.co
 PREDICTOR_TYPE = "STORYDIFFUSION_MOTION_PREDICTOR"  # motion.comfy_adapter.LoadedPredictor
 IPADAPTER_TYPE = "IPADAPTER"  # IPAdapter_plus's loader value: loaders interchange
 EMBEDS_TYPE = "EMBEDS"  # IPAdapter_plus's raw embedding tensor: [frames, D] pooled, [frames, T, D] penultimate
+PANELS_TYPE = "STORYDIFFUSION_PANELS"  # story.model.PanelSelection: the story panel of each selected row

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..common.sockets import CATEGORY, STORY_TYPE
+from ..common.sockets import CATEGORY, PANELS_TYPE, STORY_TYPE
 from ..story import comfy_adapter
+from ..story.model import PanelSelection
+from ..story.order import in_story_order
 from ..story.parse import parse_story
 from ..story.styles import NO_STYLE, STYLE_NAMES, apply_style, style_negative
 
@@ -83,20 +85,24 @@ class StoryDiffusionStory:
 class StoryDiffusionSelectPanels:
     DESCRIPTION = (
         "Picks some panels out of the Story node's conditioning batches, so a KSampler can sample only those: "
-        "the identity panels (for 'Identity Bank Write'), or a range of panels (for 'Identity Bank Read', "
-        "a few panels at a time). Outputs the batch size to use and the story index of the first panel."
+        "the identity panels (for 'Identity Bank Write'), every other panel, or a range of panels (for "
+        "'Identity Bank Read', a few panels at a time). Outputs the batch size to use, the story index of the "
+        "first panel and which story panels were picked (for 'Panels In Story Order')."
     )
     CATEGORY = f"{CATEGORY}/story"
-    FUNCTION = "select"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT")
-    RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel")
+    FUNCTION = "select_panels"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT", PANELS_TYPE)
+    RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel", "panels")
     OUTPUT_TOOLTIPS = (
         "The selected panels' positive conditioning, in story order.",
         "The selected panels' negative conditioning.",
         "How many panels were selected: connect to the batch_size of Empty Latent Image.",
         "Story index of the first selected panel: connect to 'first_panel' of Identity Bank Read.",
+        "Which story panel each selected row is: connect to 'Panels In Story Order' next to the images this "
+        "run decodes, so runs can be joined back in story order.",
     )
-    SELECTIONS = ("identity panels", "panel range")
+    # appended only: saved workflows store these values
+    SELECTIONS = ("identity panels", "panel range", "panels that are not identity panels")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -108,7 +114,9 @@ class StoryDiffusionSelectPanels:
                 "select": (list(cls.SELECTIONS), {
                     "default": cls.SELECTIONS[0],
                     "tooltip": "'identity panels': the panels the story marks as identity panels (sample them with "
-                               "the Identity Bank Write model). 'panel range': first_panel and count below."}),
+                               "the Identity Bank Write model). 'panel range': first_panel and count below. "
+                               "'panels that are not identity panels': every other panel, in story order "
+                               "(sample them with the Identity Bank Read model)."}),
                 "first_panel": ("INT", {"default": 0, "min": 0, "max": 10000,
                                         "tooltip": "For 'panel range': story index (0-based) of the first panel."}),
                 "count": ("INT", {"default": 0, "min": 0, "max": 10000,
@@ -116,13 +124,19 @@ class StoryDiffusionSelectPanels:
             }
         }
 
-    def select(self, positive, negative, story, select, first_panel, count):
+    def select_panels(self, positive, negative, story, select, first_panel, count):
         total = len(story)
         if select == self.SELECTIONS[0]:
-            rows = sorted({i for panels in story.identity_panels.values() for i in panels})
+            rows = list(story.identity_rows)
             if not rows:
                 raise ValueError("the story has no identity panels: it names no character (only [NC] panels?)")
-        else:
+        elif select == self.SELECTIONS[2]:
+            rows = list(story.other_rows)
+            if not rows:
+                raise ValueError(f"every one of the story's {total} panels is an identity panel, so there are no "
+                                 f"other panels to select: lower identity_panels on the Story node, or sample "
+                                 f"only the identity panels")
+        elif select == self.SELECTIONS[1]:
             if first_panel >= total:
                 raise ValueError(f"first_panel {first_panel} is past the end of the story ({total} panels, 0-{total - 1})")
             end = total if count == 0 else first_panel + count
@@ -130,9 +144,67 @@ class StoryDiffusionSelectPanels:
                 raise ValueError(f"panels {first_panel}-{end - 1} were asked for but the story has {total} panels "
                                  f"(0-{total - 1}): lower first_panel or count")
             rows = list(range(first_panel, end))
-        return (comfy_adapter.select_rows(positive, rows), comfy_adapter.select_rows(negative, rows), len(rows), rows[0])
+        else:
+            raise ValueError(f"unknown selection {select!r}; choose one of {list(self.SELECTIONS)}")
+        return (comfy_adapter.select_rows(positive, rows), comfy_adapter.select_rows(negative, rows), len(rows),
+                rows[0], PanelSelection(rows=tuple(rows), story_length=total))
+
+    def select(self, positive, negative, story, select, first_panel, count):
+        """The first four outputs only (positive, negative, panel_count, first_panel), for Python callers."""
+        return self.select_panels(positive, negative, story, select, first_panel, count)[:4]
 
 
-NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory, "StoryDiffusionSelectPanels": StoryDiffusionSelectPanels}
+class StoryDiffusionStoryOrder:
+    DESCRIPTION = (
+        "Joins the images of panels sampled in separate runs (for example the identity panels, then the other "
+        "panels) into one batch in story order. Connect each run's decoded images with the 'panels' output of "
+        "the Select Story Panels node that picked its conditioning. Every story panel must be given exactly "
+        "once (or turn on allow_gaps), and all images must have the same size."
+    )
+    CATEGORY = f"{CATEGORY}/story"
+    FUNCTION = "join"
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("images", "count")
+    OUTPUT_TOOLTIPS = (
+        "Every image at its story index (panel 0 first): connect to the comic page node or Save Image.",
+        "How many images the batch has (the story's panel count unless allow_gaps left some out).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def pair(name, run):
+            return {
+                f"images_{name}": ("IMAGE", {"tooltip": f"The decoded images of the {run} run, one per selected panel."}),
+                f"panels_{name}": (PANELS_TYPE, {
+                    "tooltip": f"The 'panels' output of the Select Story Panels node that picked the {run} run's "
+                               f"conditioning."}),
+            }
+
+        return {
+            "required": {
+                **pair("a", "first (e.g. identity panels)"),
+                **pair("b", "second (e.g. the other panels)"),
+                "allow_gaps": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: every story panel must be in one of the inputs, and a missing one is an error "
+                               "naming it. On: join only the panels given, in story order."}),
+            },
+            "optional": pair("c", "optional third"),
+        }
+
+    def join(self, images_a, panels_a, images_b, panels_b, allow_gaps, images_c=None, panels_c=None):
+        parts = [("a", images_a, panels_a), ("b", images_b, panels_b)]
+        if (images_c is None) != (panels_c is None):
+            given, absent = ("images_c", "panels_c") if panels_c is None else ("panels_c", "images_c")
+            raise ValueError(f"{given} is connected but {absent} is not: connect both or neither")
+        if images_c is not None:
+            parts.append(("c", images_c, panels_c))
+        images, rows = in_story_order(parts, allow_gaps=allow_gaps)
+        return images, len(rows)
+
+
+NODE_CLASS_MAPPINGS = {"StoryDiffusionStory": StoryDiffusionStory, "StoryDiffusionSelectPanels": StoryDiffusionSelectPanels,
+                       "StoryDiffusionStoryOrder": StoryDiffusionStoryOrder}
 NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionStory": "Story: panels + captions (StoryDiffusion)",
-                              "StoryDiffusionSelectPanels": "Select Story Panels (StoryDiffusion)"}
+                              "StoryDiffusionSelectPanels": "Select Story Panels (StoryDiffusion)",
+                              "StoryDiffusionStoryOrder": "Panels In Story Order (StoryDiffusion)"}

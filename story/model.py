@@ -3,6 +3,9 @@
 Produced by the story node, consumed by the consistent attention node (character groups, identity
 panels) and the ID-fuse node (which reference set each panel uses). Immutable and plain, so it is
 safe in ComfyUI's output cache and across `ModelPatcher.clone()`.
+
+PanelSelection (the STORYDIFFUSION_PANELS value) says which story panels a selected conditioning
+batch holds, row by row, so panels sampled in separate runs can be put back in story order.
 """
 from __future__ import annotations
 
@@ -41,5 +44,37 @@ class Story:
         chars = [set(c) for c in self.panel_characters]
         return [[i != j and bool(a & b) for j, b in enumerate(chars)] for i, a in enumerate(chars)]
 
+    @property
+    def identity_rows(self) -> tuple[int, ...]:
+        """Every identity panel of every character, in story order."""
+        return tuple(sorted({i for rows in self.identity_panels.values() for i in rows}))
+
+    @property
+    def other_rows(self) -> tuple[int, ...]:
+        """Every panel that is not an identity panel, in story order."""
+        identity = set(self.identity_rows)
+        return tuple(i for i in range(len(self.panels)) if i not in identity)
+
     def __len__(self) -> int:
         return len(self.panels)
+
+
+@dataclass(frozen=True)
+class PanelSelection:
+    """Which story panels a selected batch holds: rows[k] is the story index of batch row k."""
+    rows: tuple[int, ...]
+    story_length: int  # panels in the whole story (selections of different stories do not mix)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        if not self.rows:
+            raise ValueError("a panel selection needs at least one panel")
+        bad = [r for r in self.rows if not 0 <= r < self.story_length]
+        if bad:
+            raise ValueError(f"panels {bad} are outside the story ({self.story_length} panels, "
+                             f"0-{self.story_length - 1})")
+        if len(set(self.rows)) != len(self.rows):
+            raise ValueError(f"a panel selection lists a panel twice: {list(self.rows)}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
