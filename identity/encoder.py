@@ -19,6 +19,7 @@ import re
 import torch
 from torch import nn
 
+from ..common.errors import StoryDiffusionError
 from .fuse import FuseModule
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,7 +34,7 @@ VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 
 IGNORED_KEYS = {"vision_model.embeddings.position_ids"}
 
 
-class IdWeightsError(ValueError):
+class IdWeightsError(StoryDiffusionError):
     """The id_encoder weights do not match the PhotoMaker v1 layout (message lists the keys)."""
 
 

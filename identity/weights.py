@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.errors import StoryDiffusionError
 from .encoder import PhotoMakerIDEncoder
 from .lora import LoraPair, parse_lora_weights
 
 SECTIONS = ("id_encoder", "lora_weights")
 
 
-class PhotoMakerFileError(ValueError):
+class PhotoMakerFileError(StoryDiffusionError):
     """The file cannot be read as a PhotoMaker v1 file (message names the file and the problem)."""
 
 

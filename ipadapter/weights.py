@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..common.attention import multihead_attention
+from ..common.errors import StoryDiffusionError
 
 IMAGE_PROJ = "image_proj"
 IP_ADAPTER = "ip_adapter"
@@ -54,7 +55,7 @@ def family_name(context_dim: int) -> str:
     return CONTEXT_FAMILIES.get(context_dim, f"a model with {context_dim}-wide text context")
 
 
-class IPAdapterFormatError(ValueError):
+class IPAdapterFormatError(StoryDiffusionError):
     """The file is not a usable IP-Adapter weight file; the message says what is wrong."""
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 
+from ..common.errors import StoryDiffusionError
 from .model import NO_CHARACTER, Character, Panel, Story
 
 CAPTION_SEPARATOR = "#"
 _ESCAPED_OPEN, _ESCAPED_CLOSE, _ESCAPED_HASH = "\x00", "\x01", "\x02"  # placeholders for \[ \] \# while parsing
 
 
-class StoryError(ValueError):
+class StoryError(StoryDiffusionError):
     """A mistake in the story text; the message names the text box and the line."""
 
     def __init__(self, where: str, line: int, message: str):

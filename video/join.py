@@ -13,10 +13,15 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+try:
+    from ..common.errors import StoryDiffusionError
+except ImportError:  # video/ imported as a top-level package on its own (bench/bench_video.py)
+    StoryDiffusionError = ValueError
+
 log = logging.getLogger(__name__)
 
 
-class VideoError(ValueError):
+class VideoError(StoryDiffusionError):
     """Bad input or an environment problem, with a message that says what to do."""
 
 
