@@ -44,3 +44,19 @@ class StoryDiffusionError(ValueError):
         super().__init_subclass__(**kwargs)
         _label(cls)
 
+
+def load_failure_reason(exc: BaseException, limit: int = 200) -> str:
+    """Why torch.load / safetensors could not read a weight file, short enough for a message.
+
+    When `torch.load(..., weights_only=True)` refuses a file, PyTorch's text advises re-loading it
+    with `weights_only=False`, which runs whatever code the file holds: that text is never passed on.
+    Raise the caller's own error `from None` as well, or ComfyUI's logged traceback shows the original.
+    """
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "weights_only" in lowered or "weights only" in lowered:
+        return (f"{type(exc).__name__}: it holds something other than plain tensors, or is not a PyTorch "
+                f"file at all")
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..common.errors import StoryDiffusionError
+from ..common.errors import StoryDiffusionError, load_failure_reason
 from .encoder import PhotoMakerIDEncoder
 from .lora import LoraPair, parse_lora_weights
 
@@ -52,8 +52,10 @@ def read_sections(path: str) -> dict[str, dict]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or a pickle that is not a plain state dict
-        raise PhotoMakerFileError(f"could not read {name} as a PhotoMaker v1 file ({type(e).__name__}: {e}). "
-                                  "Re-download photomaker-v1.bin into models/photomaker.") from e
+        # never PyTorch's own text when it advises weights_only=False (unsafe); `from None` keeps it out of logs
+        raise PhotoMakerFileError(f"{name} is corrupt, incomplete or not a PhotoMaker v1 file "
+                                  f"({load_failure_reason(e)}): download it again (photomaker-v1.bin) "
+                                  "into models/photomaker.") from None
     if not isinstance(data, dict):
         raise PhotoMakerFileError(f"{name} holds a {type(data).__name__}, not a PhotoMaker state dict.")
     if "id_encoder" not in data:

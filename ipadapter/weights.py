@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..common.attention import multihead_attention
-from ..common.errors import StoryDiffusionError
+from ..common.errors import StoryDiffusionError, load_failure_reason
 
 IMAGE_PROJ = "image_proj"
 IP_ADAPTER = "ip_adapter"
@@ -101,9 +101,10 @@ def load_ipadapter_file(path: str) -> dict:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a weight file at all
+        # never PyTorch's own text when it advises weights_only=False (unsafe); `from None` keeps it out of logs
         raise IPAdapterFormatError(
-            f"Could not read IP-Adapter file '{name}' ({type(e).__name__}: {str(e)[:200]}). The file is corrupt "
-            f"or incomplete: download it again into models/ipadapter.") from None
+            f"IP-Adapter file '{name}' is corrupt, incomplete or not an IP-Adapter file ({load_failure_reason(e)}): "
+            f"download it again into models/ipadapter.") from None
     groups = group_state_dict(state_dict, f"IP-Adapter file '{name}'")
     inspect_ipadapter(groups, name)  # fail at load time, not in the middle of sampling
     return groups

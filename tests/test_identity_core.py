@@ -160,7 +160,7 @@ def test_bad_files_give_clear_errors(mods, tmp_path):
         w.load_photomaker(F.write_photomaker(str(tmp_path / "keys.bin"), broken))
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01not a safetensors file")
-    with pytest.raises(w.PhotoMakerFileError, match="could not read corrupt.safetensors"):
+    with pytest.raises(w.PhotoMakerFileError, match="corrupt.safetensors is corrupt, incomplete or not a PhotoMaker v1 file"):
         w.load_photomaker(str(corrupt))
     torch.save({"state_dict": {"a": torch.zeros(1)}}, tmp_path / "other.bin")
     with pytest.raises(w.PhotoMakerFileError, match="no 'id_encoder' section"):

@@ -95,10 +95,10 @@ def test_bad_files_give_clear_errors(ipa, tmp_path):
     path = fx.write_ipadapter(str(tmp_path / "cut.safetensors"), good)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(Err, match="corrupt or incomplete"):
+    with pytest.raises(Err, match="corrupt, incomplete or not an IP-Adapter file"):
         ipa.core.load_ipadapter_file(path)
     (tmp_path / "junk.bin").write_bytes(b"not a pickle at all")
-    with pytest.raises(Err, match="corrupt or incomplete"):
+    with pytest.raises(Err, match="corrupt, incomplete or not an IP-Adapter file"):
         ipa.core.load_ipadapter_file(str(tmp_path / "junk.bin"))
     no_ip = fx.write_ipadapter(str(tmp_path / "lora.safetensors"), {"unet": {"x": torch.zeros(2)}})
     with pytest.raises(Err, match="no 'image_proj' weights"):
