@@ -90,12 +90,16 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     sampled: [B, n] token indices (into Tk) of each panel that the others read.
     window: 0 or >= B — one window over the whole batch. 0 < W < B — the paper's sliding window:
         windows of W consecutive panels (stride 1); inside a window a panel reads the panels of
-        that window only; its output is the mean over the windows that contain it. Windows are
-        processed one after another, so the extra memory depends on W, not on B.
+        that window only; its output is the mean over the windows that contain it.
     bank: extra tokens from an identity bank that panels read on top of their own.
     attention: the kernel, attention(q, k, v, heads) on [rows, tokens, D] (plain sdpa by default).
+
+    Key order of panel i: [bank panels it reads, sampled tokens of the panels it shares with, its own].
+    Query panels are processed one at a time (its rows of every chunk together): the extra memory
+    is one panel's K/V, [chunks, L_i, D] each, built in one buffer, whatever B and W are. A panel
+    that reads nothing but itself gets plain attention on views of its rows, with no copy.
     """
-    total, _, dim = q.shape
+    total, tq, dim = q.shape
     if total % chunks:
         raise ValueError(f"{total} attention rows do not split into {chunks} chunks")
     panels = total // chunks
@@ -109,50 +113,58 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     else:
         windows = [range(s, s + window) for s in range(panels - window + 1)]
 
-    # one flat token source per chunk: [batch tokens..., bank tokens...]; a panel's keys are rows of it
-    k_src = k.reshape(chunks, panels * tk, dim)
-    v_src = v.reshape(chunks, panels * tk, dim)
-    bank_offset = panels * tk
-    bank_rows: list[torch.Tensor] = []
+    # [chunks, B, tokens, D] views (no copy for the contiguous tensors ComfyUI passes)
+    q4 = q.reshape(chunks, panels, tq, dim)
+    k4 = k.reshape(chunks, panels, tk, dim)
+    v4 = v.reshape(chunks, panels, tk, dim)
+    k_flat = k4.reshape(chunks, panels * tk, dim)  # row j*tk + t is token t of panel j
+    v_flat = v4.reshape(chunks, panels * tk, dim)
     if bank is not None and bank.k.shape[1] > 0:
-        nb, nt = bank.k.shape[1], bank.k.shape[2]
         if bank.k.shape[0] != chunks:
             raise ValueError(f"bank holds {bank.k.shape[0]} chunks, the call has {chunks}")
-        k_src = torch.cat([k_src, bank.k.to(k.device, k.dtype).reshape(chunks, nb * nt, dim)], dim=1)
-        v_src = torch.cat([v_src, bank.v.to(v.device, v.dtype).reshape(chunks, nb * nt, dim)], dim=1)
-        reads = bank.reads.to(torch.bool).cpu()
-        tokens_of_bank = torch.arange(nb * nt).reshape(nb, nt) + bank_offset
-        bank_rows = [tokens_of_bank[reads[i]].reshape(-1) for i in range(panels)]
+        bank_k = bank.k.to(k.device, k.dtype)  # no copy when it is already there
+        bank_v = bank.v.to(v.device, v.dtype)
+        bank_reads = [torch.nonzero(r).reshape(-1).tolist() for r in bank.reads.to(torch.bool).cpu()]
     else:
-        bank_rows = [torch.zeros(0, dtype=torch.long)] * panels
+        bank_k = bank_v = None
+        bank_reads = [[] for _ in range(panels)]
 
-    own = torch.arange(tk)
     single = len(windows) == 1
     out = torch.empty_like(q) if single else torch.zeros_like(q)
+    out4 = out.view(chunks, panels, tq, dim)
     counts = torch.zeros(panels)
     for members in windows:
-        # key rows of each query panel of this window, grouped by length so equal ones batch together
-        by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for i in members:
             counts[i] += 1
             others = [j for j in members if share[i, j]]
-            parts = [bank_rows[i]] + [j * tk + sampled[j] for j in others] + [i * tk + own]
-            index = torch.cat(parts)
-            by_length.setdefault(index.numel(), []).append((i, index))
-        for group in by_length.values():
-            ids = torch.tensor([i for i, _ in group])
-            index = torch.stack([ix for _, ix in group]).to(k.device)
-            rows = (torch.arange(chunks)[:, None] * panels + ids[None, :]).reshape(-1).to(q.device)
-            if index.shape[1] == tk:
-                kk, vv = k[rows], v[rows]  # reads nothing but itself: plain attention, no gather
+            n_bank = sum(bank_k.shape[2] for _ in bank_reads[i]) if bank_k is not None else 0
+            n_other = sum(int(sampled[j].numel()) for j in others)
+            if n_bank + n_other == 0:
+                kk, vv = k4[:, i], v4[:, i]  # reads nothing but itself: plain attention, no gather
             else:
-                kk = k_src[:, index].reshape(chunks * len(group), -1, dim)
-                vv = v_src[:, index].reshape(chunks * len(group), -1, dim)
-            result = attention(q[rows], kk, vv, heads)
+                # one buffer per K and V, filled in place: bank tokens, the others' sampled tokens, own tokens
+                length = n_bank + n_other + tk
+                kk = k.new_empty((chunks, length, dim))
+                vv = v.new_empty((chunks, length, dim))
+                at = 0
+                for b in bank_reads[i]:
+                    nt = bank_k.shape[2]
+                    kk[:, at:at + nt].copy_(bank_k[:, b])
+                    vv[:, at:at + nt].copy_(bank_v[:, b])
+                    at += nt
+                if n_other:
+                    index = torch.cat([j * tk + sampled[j] for j in others]).to(k.device)
+                    for c in range(chunks):  # kk[c, a:b] is contiguous: index_select writes straight into it
+                        torch.index_select(k_flat[c], 0, index, out=kk[c, at:at + n_other])
+                        torch.index_select(v_flat[c], 0, index, out=vv[c, at:at + n_other])
+                    at += n_other
+                kk[:, at:].copy_(k4[:, i])
+                vv[:, at:].copy_(v4[:, i])
+            result = attention(q4[:, i], kk, vv, heads)
             if single:
-                out[rows] = result
+                out4[:, i].copy_(result)
             else:
-                out.index_add_(0, rows, result)
+                out4[:, i].add_(result)
             del kk, vv, result
     if not single:
         scale = (1.0 / counts).to(out.dtype).repeat(chunks).to(out.device)
