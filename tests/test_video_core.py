@@ -211,6 +211,42 @@ def test_failure_mid_encoding_leaves_no_file(video, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("format_name", ["mp4", "gif"])
+def test_written_file_gets_the_mode_of_a_new_file_under_the_umask(video, tmp_path, umask, expected, format_name):
+    """Like ComfyUI's PNGs (typically 0644), not the 0600 of a mkstemp temporary."""
+    previous = os.umask(umask)
+    try:
+        path = str(tmp_path / "sub" / f"m.{format_name}")
+        video.write_video(iter([np.zeros((8, 8, 3), np.uint8)] * 2), path, format_name, 8)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == expected
+    assert os.listdir(tmp_path / "sub") == [f"m.{format_name}"]
+
+
+def test_atomic_path_helper_replaces_or_leaves_nothing(pack, tmp_path):
+    from comfyui_storydiffusion.common.files import atomic_path
+
+    target = tmp_path / "bank.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as temporary:
+            open(temporary, "wb").write(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["bank.safetensors"]
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(str(target)) as temporary:
+            open(temporary, "wb").write(b"new")
+    finally:
+        os.umask(previous)
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["bank.safetensors"]
+    if os.name == "posix":
+        assert os.stat(target).st_mode & 0o777 == 0o644
+
+
 def test_unwritable_folder_is_a_clear_error(video, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where a folder should be")

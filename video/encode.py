@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+
+try:
+    from ..common.files import temporary_beside
+except ImportError:  # video/ imported as a top-level package (bench/bench_video.py puts the repository on sys.path)
+    from common.files import temporary_beside
 
 from .join import VideoError
 
@@ -150,11 +154,11 @@ def _gif_frame(frame: np.ndarray, colours: int):
 
 
 def _open_temporary(path: str) -> str:
+    """A hidden temporary file next to `path`, with the mode any new file gets under the umask (0644 under
+    the usual 022, like ComfyUI's PNGs; mkstemp would make it 0600), so the renamed video keeps it."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
-        os.close(fd)
+        temporary = temporary_beside(path)
     except OSError as e:
         raise VideoError(
             f"cannot write into the folder {folder!r}: {e.strerror or e}. Check that it exists and is writable, "
