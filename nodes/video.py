@@ -94,12 +94,15 @@ class StoryDiffusionVideoCombine:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE", {"tooltip": "The frames, in order (e.g. from Story Video)."}),
+                "images": ("IMAGE", {"tooltip": "The frames, in order (e.g. from Story Video). mp4/webm need an "
+                                                "even width and height (yuv420p): odd sizes are padded by one "
+                                                "repeated column/row (63x65 -> 64x66) with a warning in the log."}),
                 "fps": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 240.0, "step": 0.01,
                                   "tooltip": "Frames per second (gif stores delays in 1/100 s, so it rounds)."}),
                 "format": (list(encode.FORMATS), {"default": "mp4",
                                                 "tooltip": "mp4 = H.264 (MPEG-4 part 2 if no H.264 encoder), webm = VP9, "
-                                                           "gif, webp = animated WebP."}),
+                                                           "gif, webp = animated WebP. mp4/webm pad odd sizes to "
+                                                           "even (see images)."}),
                 "quality": ("INT", {"default": 85, "min": 1, "max": 100,
                                     "tooltip": "1-100, higher = better and bigger. mp4/webm: mapped to crf; webp: "
                                                "libwebp quality; gif: palette size."}),

@@ -170,6 +170,29 @@ def test_mp4_uses_h264_and_pads_odd_sizes_to_even(video, tmp_path):
     assert (frames[1, :31, :45] - images[1]).abs().mean() < 0.03
 
 
+@pytest.mark.parametrize("format_name", ["mp4", "webm", "gif", "webp"])
+def test_odd_sizes_are_padded_with_one_warning_per_file(video, tmp_path, caplog, format_name):
+    images = ramp(4, 65, 63)
+    with caplog.at_level(logging.WARNING):
+        result = video.write_video(video.frames_as_uint8(images, range(4)), str(tmp_path / f"o.{format_name}"),
+                                   format_name, 8)
+    padded = [r for r in caplog.records if "padded" in r.getMessage()]
+    if format_name in ("mp4", "webm"):
+        assert (result.width, result.height) == (64, 66)
+        assert len(padded) == 1 and padded[0].levelno == logging.WARNING
+        message = padded[0].getMessage()
+        assert "63x65, padded to 64x66" in message and "yuv420p" in message and "even" in message
+        assert f"o.{format_name}" in message
+    else:  # gif/webp keep any size
+        assert (result.width, result.height) == (63, 65) and padded == []
+
+
+def test_even_sizes_log_no_padding_warning(video, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        video.write_video(video.frames_as_uint8(ramp(2, 32, 48), range(2)), str(tmp_path / "e.mp4"), "mp4", 8)
+    assert "padded" not in caplog.text
+
+
 @pytest.mark.parametrize("format_name", ["gif", "webp"])
 def test_loop_count_and_pingpong_are_stored(video, tmp_path, format_name):
     from PIL import Image

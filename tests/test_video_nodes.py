@@ -176,3 +176,15 @@ def test_every_input_has_a_tooltip(comfy_nodes):
         for name, spec in cls.INPUT_TYPES()["required"].items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("StoryDiffusion/")
+
+
+def test_video_combine_warns_about_odd_sizes_in_the_log_and_its_tooltips(comfy_nodes, output_dir, caplog):
+    cls = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionVideoCombine"]
+    required = cls.INPUT_TYPES()["required"]
+    assert "padded" in required["images"][1]["tooltip"] and "64x66" in required["images"][1]["tooltip"]
+    assert "odd sizes" in required["format"][1]["tooltip"]
+    with caplog.at_level("WARNING"):
+        result = cls().combine(torch.rand(3, 65, 63, 3), 8.0, "mp4", 80, 0, False, "vt/odd")
+    assert os.path.exists(result["result"][1])
+    padded = [r.getMessage() for r in caplog.records if "padded" in r.getMessage()]
+    assert len(padded) == 1 and "63x65, padded to 64x66" in padded[0]

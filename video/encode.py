@@ -189,7 +189,12 @@ def write_video(frames: Iterable[np.ndarray], path: str, format_name: str, fps: 
     if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
         raise VideoError(f"frames must be HxWx3 uint8 (got {first.dtype} {first.shape}).")
     height, width = first.shape[:2]
-    if fmt.even_size:
+    if fmt.even_size and (height % 2 or width % 2):
+        # once per file: every frame gets the same padding
+        log.warning("StoryDiffusion Video Combine: the frames are %dx%d, padded to %dx%d for %s (%s encodes "
+                    "yuv420p, which needs an even width and height; the last column/row is repeated). "
+                    "Use even sizes (e.g. multiples of 8) to avoid it.", width, height, width + width % 2,
+                    height + height % 2, os.path.basename(path), codec)
         height, width = height + height % 2, width + width % 2
     rate = Fraction(round(fps * 1000), 1000)
 
