@@ -1,13 +1,20 @@
-"""The identity bank: sampled self-attention tokens of the identity panels, per step and layer.
+"""The identity bank: sampled self-attention inputs of the identity panels, per step, layer and chunk role.
 
 StoryDiffusion's released code first denoises a few identity panels together (write) and stores
 what they share; every other panel is then generated alone and reads the stored tokens of its
 characters (read), so a story of any length costs the memory of the identity batch plus one panel.
 
-The official code stores the normalised hidden states entering attn1 and re-projects them for
-every read. This bank stores the sampled tokens already projected by to_k and to_v instead: the
-projections are per token and frozen, so this is exact, a read needs no projection (the attn1
-replace hook that reads it gets projected k/v and has no to_k/to_v), at twice the bytes per token.
+What is stored is what the official code stores: the *hidden states entering attn1* (normalised,
+before to_k/to_v) of the tokens each identity panel shares, one tensor [panels, tokens, channels]
+per (step, layer, role). A read projects them with the layer's own to_k/to_v (the projections are
+per token, so this is exact), which halves the bytes against storing keys and values. Options:
+- dtype fp16 / bf16 / fp32, or fp8 (e4m3 with one fp32 scale per token: half of fp16);
+- only (step, layer) pairs at which the schedule lets a read use the bank are written;
+- reads stream one step at a time: a loaded bank is memory-mapped and each step's tensors are
+  read (and, with storage "device", moved to the sampling device) when that step starts, so a
+  read run's memory does not grow with the number of steps.
+
+Roles name the chunks of a model call: "positive", "negative" and, under DualCFGGuider, "middle".
 
 Plain torch; save/load uses safetensors with a JSON header, so a character can be reused later.
 """
@@ -15,18 +22,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from typing import Optional, Sequence
 
 import torch
 
-from .core import BankTokens
+from ..common.errors import StoryDiffusionError
+from ..common.files import atomic_path
 
-FORMAT = "storydiffusion-identity-bank/1"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FORMAT = "storydiffusion-identity-bank/2"
+OLD_FORMATS = ("storydiffusion-identity-bank/1",)  # projected keys/values: refused with a message
+FP8 = "fp8"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, FP8: torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-class BankError(ValueError):
+class BankError(StoryDiffusionError):
     """A bank cannot serve this run (empty, other step count, other resolution, missing layer)."""
 
 
@@ -40,8 +51,23 @@ def _parse_layer(name: str):
     return (kind, int(block), int(index))
 
 
+def encode(hidden: torch.Tensor, dtype_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Hidden states -> (stored tensor, per-token scale or None). fp8 scales each token to its absmax."""
+    if dtype_name != FP8:
+        return hidden.to(DTYPES[dtype_name]), None
+    hidden = hidden.float()
+    scale = hidden.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (hidden / scale).clamp(-FP8_MAX, FP8_MAX).to(DTYPES[FP8]), scale
+
+
+def decode(stored: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return stored.to(dtype)
+    return (stored.float() * scale.to(stored.device)).to(dtype)
+
+
 class IdentityBank:
-    """Sampled K/V tokens of identity panels, keyed by (step, layer, chunk kind).
+    """Sampled hidden states of identity panels, keyed by (step, layer, role).
 
     `panels` are the story panel indices of the written rows and `characters` their characters
     (None when written without a story: then every reader reads every row). Mutable on purpose —
@@ -50,8 +76,10 @@ class IdentityBank:
 
     def __init__(self, storage: str = "cpu", dtype: str = "fp16"):
         if dtype not in DTYPES:
-            raise ValueError(f"bank dtype must be one of {list(DTYPES)}, not {dtype!r}")
-        self.storage = storage  # "cpu" or "device" (the device the model samples on)
+            raise BankError(f"bank dtype must be one of {list(DTYPES)}, not {dtype!r}")
+        if storage not in ("cpu", "device"):
+            raise BankError(f"bank storage must be 'cpu' or 'device', not {storage!r}")
+        self.storage = storage  # where the current step's tokens live during a read
         self.dtype_name = dtype
         self.clear()
 
@@ -59,30 +87,34 @@ class IdentityBank:
         return self
 
     def clear(self):
-        self.entries: dict = {}
+        self.entries: dict = {}  # key -> (stored, scale) for a bank in memory
+        self.file: Optional[str] = None  # a loaded bank reads its entries from this file, step by step
+        self.file_keys: dict = {}  # key -> tensor name prefix in `file`
         self.panels: tuple[int, ...] = ()
         self.characters: Optional[tuple[tuple[str, ...], ...]] = None
         self.sample_sigmas: tuple[float, ...] = ()
         self.layer_tokens: dict = {}  # layer -> full token count at write (resolution check)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
+        self._step_cache: tuple = (None, None, None, {})  # (step, device, dtype, {key: decoded})
 
     @property
     def empty(self) -> bool:
-        return not self.entries
+        return not self.entries and not self.file_keys
+
+    def keys(self) -> set:
+        return set(self.entries) | set(self.file_keys)
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.entries.values())
+        if self.file is not None:
+            return os.path.getsize(self.file)
+        return sum(t.numel() * t.element_size() + (0 if s is None else s.numel() * s.element_size())
+                   for t, s in self.entries.values())
 
     def describe(self) -> str:
         if self.empty:
             return "empty identity bank"
         steps = len(self.sample_sigmas) - 1
-        layers = len(self.layer_tokens)
-        return (f"identity bank: {len(self.panels)} panels {list(self.panels)}, {steps} steps, {layers} layers, "
-                f"{self.nbytes() / 2**20:.1f} MiB {self.dtype_name} on {self.storage}")
+        return (f"identity bank: {len(self.panels)} panels {list(self.panels)}, {steps} steps, "
+                f"{len(self.layer_tokens)} layers, {self.nbytes() / 2**20:.1f} MiB {self.dtype_name}")
 
     # ---------------------------------------------------------------------------------------------
     # writing
@@ -116,8 +148,12 @@ class IdentityBank:
         theirs = [set(c) for c in self.characters]
         return torch.tensor([[bool(a & b) for b in theirs] for a in mine], dtype=torch.bool).reshape(rows, len(theirs))
 
-    def tokens(self, step: int, layer, kinds: Sequence[int], num_tokens: int, reads: torch.Tensor) -> BankTokens:
-        """The stored tokens for one layer call, stacked over the call's chunks (kinds 0 cond / 1 uncond)."""
+    def hidden(self, step: int, layer, roles: Sequence[str], num_tokens: int, device=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[chunks, bank panels, tokens, channels]: the stored hidden states for one layer call, one chunk per role.
+
+        Tensors of one step are decoded (and moved) once and kept until the next step is asked for.
+        """
         written = self.layer_tokens.get(layer)
         if written is None:
             raise BankError(f"the identity bank has no tokens for layer {_layer_name(layer)}: write and read with the "
@@ -125,79 +161,114 @@ class IdentityBank:
         if written != num_tokens:
             raise BankError(f"the identity bank was written at another resolution ({written} tokens at layer "
                             f"{_layer_name(layer)}, this run has {num_tokens}): use the identity run's width and height")
-        ks, vs = [], []
-        for kind in kinds:
-            entry = self.entries.get((step, layer, int(kind)))
-            if entry is None:
-                what = "negative" if kind == 1 else "positive"
-                raise BankError(f"the identity bank holds no {what} pass for step {step} layer {_layer_name(layer)}: "
-                                "write it with the same cfg as this run (cfg 1.0 skips the negative pass)")
-            ks.append(entry[0])
-            vs.append(entry[1])
-        return BankTokens(torch.stack(ks), torch.stack(vs), reads)
+        target = torch.device("cpu") if self.storage == "cpu" or device is None else torch.device(device)
+        cached_step, cached_device, cached_dtype, cache = self._step_cache
+        if (cached_step, cached_device, cached_dtype) != (step, target, dtype):
+            cache = {}  # drop the previous step before loading this one
+            self._step_cache = (step, target, dtype, cache)
+        out = []
+        for role in roles:
+            key = (int(step), layer, role)
+            if key not in cache:
+                cache.update(self._load_step(int(step), target, dtype, wanted=key))
+            if key not in cache:
+                raise BankError(f"the identity bank holds no {role} pass for step {step} layer {_layer_name(layer)}: "
+                                f"write it with the same guider, cfg, schedule and start/end percent as this run "
+                                f"(cfg 1.0 skips the negative pass; the bank holds {sorted({k[2] for k in self.keys()})})")
+            out.append(cache[key])
+        return torch.stack(out)
+
+    def _load_step(self, step: int, device, dtype, wanted) -> dict:
+        keys = [k for k in self.keys() if k[0] == step]
+        if wanted not in keys:
+            return {}
+        if self.file is None:
+            return {k: decode(*self.entries[k], dtype).to(device) for k in keys}
+        from safetensors import safe_open
+
+        loaded = {}
+        with safe_open(self.file, framework="pt", device="cpu") as f:  # memory-mapped: reads only these tensors
+            names = set(f.keys())
+            for key in keys:
+                prefix = self.file_keys[key]
+                scale = f.get_tensor(prefix + "/s") if prefix + "/s" in names else None
+                loaded[key] = decode(f.get_tensor(prefix + "/h"), scale, dtype).to(device)
+        return loaded
 
     # ---------------------------------------------------------------------------------------------
     # files
 
     def save(self, path: str):
-        """Write a .safetensors file (atomically: a temp file renamed into place)."""
+        """Write a .safetensors file (atomically: a temp file renamed into place, with the umask's mode)."""
         from safetensors.torch import save_file
 
         if self.empty:
             raise BankError("the identity bank is empty: nothing to save (run the identity KSampler first)")
+        if self.file is not None:  # a loaded bank is its file
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self.file, tmp)
+            return
         tensors = {}
-        for (step, layer, kind), (k, v) in self.entries.items():
-            base = f"{_layer_name(layer)}/step{step}/kind{kind}"
-            tensors[base + "/k"] = k.detach().to("cpu").contiguous()
-            tensors[base + "/v"] = v.detach().to("cpu").contiguous()
+        for key, (stored, scale) in self.entries.items():
+            prefix = _tensor_prefix(key)
+            tensors[prefix + "/h"] = stored.detach().to("cpu").contiguous()
+            if scale is not None:
+                tensors[prefix + "/s"] = scale.detach().to("cpu").contiguous()
         header = {"panels": list(self.panels),
                   "characters": None if self.characters is None else [list(c) for c in self.characters],
                   "sample_sigmas": list(self.sample_sigmas),
                   "layer_tokens": {_layer_name(k): n for k, n in self.layer_tokens.items()},
                   "dtype": self.dtype_name}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"format": FORMAT, "bank": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str, storage: str = "cpu") -> "IdentityBank":
+        """Open a saved bank: reads its header now and its tensors step by step during reads."""
         from safetensors import safe_open
 
+        name = os.path.basename(path)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise BankError(f"{os.path.basename(path)} is not a StoryDiffusion identity bank (its metadata has no "
-                                    f"format {FORMAT!r}); save banks with 'Save Identity Bank (StoryDiffusion)'")
-                header = json.loads(meta["bank"])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except BankError:
-            raise
+                names = list(f.keys())
         except Exception as e:  # a truncated or foreign file
-            raise BankError(f"cannot read identity bank {os.path.basename(path)}: {e}") from e
-        bank = cls(storage=storage, dtype=header.get("dtype", "fp16"))
-        bank.panels = tuple(header["panels"])
-        bank.characters = None if header["characters"] is None else tuple(tuple(c) for c in header["characters"])
-        bank.sample_sigmas = tuple(header["sample_sigmas"])
-        bank.layer_tokens = {_parse_layer(k): int(n) for k, n in header["layer_tokens"].items()}
-        for key in tensors:
-            if not key.endswith("/k"):
-                continue
-            layer_name, step, kind, _ = key.split("/")
-            k, v = tensors[key], tensors.get(key[:-1] + "v")
-            if v is None:
-                raise BankError(f"identity bank {os.path.basename(path)} is damaged: {key[:-1]}v is missing")
-            bank.entries[(int(step[4:]), _parse_layer(layer_name), int(kind[4:]))] = (k, v)
+            raise BankError(f"cannot read identity bank {name}: the file is damaged or not a safetensors file "
+                            f"({type(e).__name__}). Save the bank again with 'Save Identity Bank (StoryDiffusion)'.") from None
+        if meta.get("format") in OLD_FORMATS:
+            raise BankError(f"{name} was saved by an earlier version of this pack (it stores projected keys/values); "
+                            "re-create it: run the identity panels through 'Identity Bank Write (StoryDiffusion)' "
+                            "and save the bank again")
+        if meta.get("format") != FORMAT:
+            raise BankError(f"{name} is not a StoryDiffusion identity bank (its metadata has no format {FORMAT!r}); "
+                            "save banks with 'Save Identity Bank (StoryDiffusion)'")
+        try:
+            header = json.loads(meta["bank"])
+            bank = cls(storage=storage, dtype=header.get("dtype", "fp16"))
+            bank.panels = tuple(header["panels"])
+            bank.characters = None if header["characters"] is None else tuple(tuple(c) for c in header["characters"])
+            bank.sample_sigmas = tuple(header["sample_sigmas"])
+            bank.layer_tokens = {_parse_layer(k): int(n) for k, n in header["layer_tokens"].items()}
+            for tensor_name in names:
+                if tensor_name.endswith("/h"):
+                    prefix = tensor_name[:-2]
+                    bank.file_keys[_parse_prefix(prefix)] = prefix
+        except (KeyError, ValueError, TypeError) as e:
+            raise BankError(f"identity bank {name} is damaged ({e}): save the bank again") from None
         if bank.empty:
-            raise BankError(f"identity bank {os.path.basename(path)} holds no tokens")
+            raise BankError(f"identity bank {name} holds no tokens")
+        bank.file = os.path.abspath(path)
         return bank
+
+
+def _tensor_prefix(key) -> str:
+    step, layer, role = key
+    return f"{_layer_name(layer)}/step{step}/{role}"
+
+
+def _parse_prefix(prefix: str):
+    layer_name, step, role = prefix.split("/")
+    return (int(step[4:]), _parse_layer(layer_name), role)
 
 
 class BankWriter:
@@ -211,20 +282,20 @@ class BankWriter:
         self.entries: dict = {}
         self.layer_tokens: dict = {}
 
-    def put(self, step: int, layer, kinds: Sequence[int], k_sampled: torch.Tensor, v_sampled: torch.Tensor,
-            num_tokens: int, device: torch.device):
-        """k_sampled/v_sampled: [chunks, panels, n, dim], one chunk per entry of `kinds`."""
-        target = torch.device("cpu") if self.bank.storage == "cpu" else device
+    def put(self, step: int, layer, roles: Sequence[str], hidden: torch.Tensor, num_tokens: int):
+        """hidden: [chunks, panels, n, channels] sampled hidden states, one chunk per entry of `roles`."""
         self.layer_tokens[layer] = int(num_tokens)
-        for c, kind in enumerate(kinds):
-            key = (int(step), layer, int(kind))
+        for c, role in enumerate(roles):
+            key = (int(step), layer, role)
             if key not in self.entries:  # a second-order sampler's extra call keeps the first
-                self.entries[key] = (k_sampled[c].detach().to(target, self.bank.dtype),
-                                     v_sampled[c].detach().to(target, self.bank.dtype))
+                stored, scale = encode(hidden[c].detach(), self.bank.dtype_name)
+                self.entries[key] = (stored.to("cpu"), None if scale is None else scale.to("cpu"))
 
     def commit(self):
         bank = self.bank
+        storage, dtype = bank.storage, bank.dtype_name
         bank.clear()
+        bank.storage, bank.dtype_name = storage, dtype
         bank.entries = self.entries
         bank.panels = self.panels
         bank.characters = self.characters
@@ -234,12 +305,12 @@ class BankWriter:
 
 def looks_like_bank_file(path: str) -> bool:
     """False only for a readable .safetensors that is not a bank (e.g. a motion predictor sharing the
-    models/storydiffusion folder), so loader lists stay short; unreadable files stay listed and the
-    load explains what is wrong with them."""
+    models/storydiffusion folder), so loader lists stay short; unreadable files and banks of an older
+    format stay listed, and the load explains what is wrong with them."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+            return (f.metadata() or {}).get("format") in (FORMAT,) + OLD_FORMATS
     except Exception:
         return True

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from ..common import comfy_adapter as glue
+from ..common.errors import StoryDiffusionError
 from . import core
 from .bank import BankError, IdentityBank, looks_like_bank_file
 from .schedule import Schedule, layer_ordinal, select_layers, step_index
@@ -36,7 +37,7 @@ BANK_EXTENSIONS = (".safetensors",)
 MODE_BATCH, MODE_WRITE, MODE_READ = "batch", "write", "read"
 
 
-class PatchError(ValueError):
+class PatchError(StoryDiffusionError):
     """The model cannot be patched, or the patched model does not fit this run."""
 
 
@@ -44,8 +45,9 @@ class PatchError(ValueError):
 # the UNet's transformer blocks
 
 
-def unet_layers(model_patcher) -> tuple[list, set]:
-    """All attn1 layer keys (kind, block, index) of the UNet, and those at its highest resolution.
+def unet_layers(model_patcher) -> tuple[list, set, dict]:
+    """All attn1 layer keys (kind, block, index) of the UNet, those at its highest resolution, and
+    each layer's attn1 module (its to_k/to_v project identity-bank tokens on read).
 
     Raises PatchError for models whose self-attention is not reached by attn1 patches (DiTs).
     """
@@ -57,7 +59,7 @@ def unet_layers(model_patcher) -> tuple[list, set]:
         name = type(unet).__name__ if unet is not None else type(model_patcher).__name__
         raise PatchError(f"Consistent Self-Attention works on UNet models (SD1.5, SD2, SDXL); this MODEL is a "
                          f"{name}, whose attention ComfyUI does not route through attn1 patches. Load an SD1.5/SD2/SDXL checkpoint.")
-    layers, depth_of = [], {}
+    layers, depth_of, modules = [], {}, {}
 
     def visit(kind, block_id, module, depth):
         for sub in module.modules() if module is not None else ():
@@ -68,6 +70,7 @@ def unet_layers(model_patcher) -> tuple[list, set]:
                     key = (kind, block_id, index)
                     layers.append(key)
                     depth_of[key] = depth
+                    modules[key] = block.attn1
 
     depth = 0
     for block_id, module in enumerate(unet.input_blocks):
@@ -80,7 +83,7 @@ def unet_layers(model_patcher) -> tuple[list, set]:
     if not layers:
         raise PatchError("this UNet has no self-attention transformer blocks: there is nothing to share between panels")
     shallowest = min(depth_of.values())
-    return layers, {key for key, d in depth_of.items() if d == shallowest}
+    return layers, {key for key, d in depth_of.items() if d == shallowest}, modules
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,6 +104,8 @@ class CSAConfig:
     mode: str = MODE_BATCH
     bank: Optional[IdentityBank] = None
     first_panel: int = 0  # story panel of the first latent row (read)
+    read_rows: Optional[tuple] = None  # story panel of every latent row (read), e.g. panels 2 and 5
+    attn1: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> attn1 module
 
     def __deepcopy__(self, memo):
         return self
@@ -108,6 +113,11 @@ class CSAConfig:
     def rows_for(self, batch: int) -> tuple:
         """Story panel index of each latent row; raises if the story and the batch disagree."""
         story_len = None if self.panel_characters is None else len(self.panel_characters)
+        if self.mode == MODE_READ and self.read_rows is not None:
+            if batch != len(self.read_rows):
+                raise PatchError(f"the read run was given story panels {list(self.read_rows)} but the latent batch has "
+                                 f"{batch}: set the batch size to {len(self.read_rows)} (Select Story Panels' panel_count)")
+            return self.read_rows
         if self.mode == MODE_READ:
             rows = tuple(range(self.first_panel, self.first_panel + batch))
             if story_len is not None and rows[-1] >= story_len:
@@ -142,21 +152,64 @@ class CSAConfig:
 
 @dataclass
 class RunState:
-    """What one sampling run needs: its sigmas, its panel rows, its share mask, a bank writer."""
+    """What one sampling run needs: its sigmas, panel rows, share mask, chunk roles, a bank writer, and
+    how many steps the sampler reported done (so a second-order sampler's call at sigmas[i+1] is step i)."""
     sample_sigmas: tuple
     rows: tuple
     share: torch.Tensor
+    roles: tuple = glue.CFG_ROLES
     bank_reads: Optional[torch.Tensor] = None
     writer: object = None
+    sampler: str = ""  # the k-diffusion sampler function's name
+    reported: int = -1  # the last step the sampler's callback reported (it fires after a step's first evaluation)
+    evaluations_since_report: int = 0
+    step: Optional[int] = None  # the step of the evaluation in progress (None: decide by sigma)
 
     def __deepcopy__(self, memo):
         return self
 
+    def extra_evaluations(self, i: int) -> int:
+        """Evaluations step i makes after its first one at sigmas >= sigmas[i+1]'s that sigma alone cannot place.
 
-def start_run(config: CSAConfig, batch: int, sample_sigmas) -> RunState:
+        Every k-diffusion sampler reports a step right after its first evaluation. Midpoint methods
+        (dpm_2, dpmpp_2s, ...) then evaluate between sigmas[i] and sigmas[i+1], which sigma places
+        right; Heun evaluates again at exactly sigmas[i+1], Heun++ also at sigmas[i+2]."""
+        last = len(self.sample_sigmas) - 1
+        if self.sampler == "sample_heun":
+            return 1 if i + 1 < last and self.sample_sigmas[i + 1] > 0 else 0
+        if self.sampler == "sample_heunpp2":
+            if i + 1 >= last or self.sample_sigmas[i + 1] <= 0:
+                return 0
+            return 1 if i + 2 >= last or self.sample_sigmas[i + 2] <= 0 else 2
+        return 0
+
+    def start_evaluation(self, sigma: float):
+        """Called once per model evaluation (PREDICT_NOISE wrapper), before its layer calls."""
+        if self.reported >= 0:
+            self.evaluations_since_report += 1
+            if self.evaluations_since_report <= self.extra_evaluations(self.reported):
+                self.step = self.reported
+                return
+        self.step = step_index(sigma, self.sample_sigmas)
+
+    def report(self, i: int):
+        self.reported, self.evaluations_since_report = int(i), 0
+
+    def step_of(self, sigma: float) -> int:
+        """The step a model call belongs to (a Heun correction at exactly sigmas[i+1] is step i)."""
+        return self.step if self.step is not None else step_index(sigma, self.sample_sigmas)
+
+    def roles_of(self, kinds) -> list:
+        if any(int(k) >= len(self.roles) for k in kinds):
+            raise PatchError(f"StoryDiffusion: a model call has chunks {list(kinds)} but the guider has "
+                             f"{len(self.roles)} ({', '.join(self.roles)})")
+        return [self.roles[int(k)] for k in kinds]
+
+
+def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = glue.CFG_ROLES) -> RunState:
     sigmas = tuple(float(s) for s in sample_sigmas)
     rows = config.rows_for(batch)
-    run = RunState(sigmas, rows, config.share_for(rows))
+    run = RunState(sigmas, rows, config.share_for(rows), tuple(roles))
     if config.mode == MODE_WRITE:
         run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas)
     elif config.mode == MODE_READ:
@@ -166,14 +219,18 @@ def start_run(config: CSAConfig, batch: int, sample_sigmas) -> RunState:
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
-    """Fresh RunState per sampling run (args: noise, latent, sampler, sigmas, ...); commit or drop the bank write."""
+    """Fresh RunState per sampling run (args: noise, latent, sampler, sigmas, denoise_mask, callback, ...);
+    counts the steps the sampler reports; commits or drops the bank write."""
     guider = executor.class_obj
     original = guider.model_options
     config = original.get("transformer_options", {}).get(CONFIG_KEY)
     if config is None:
         return executor(*args, **kwargs)
     noise, sigmas = args[0], args[3]
-    run = start_run(config, int(noise.shape[0]), sigmas.flatten().tolist())
+    run = start_run(config, int(noise.shape[0]), sigmas.flatten().tolist(), glue.chunk_roles(guider))
+    sampler_function = getattr(args[2], "sampler_function", None)
+    run.sampler = getattr(sampler_function, "__name__", "")
+    args, kwargs = _count_steps(run, args, kwargs)
     import comfy.model_patcher
 
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
@@ -190,6 +247,62 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         raise
     finally:
         guider.model_options = original
+
+
+def _count_steps(run: RunState, args: tuple, kwargs: dict):
+    """Wrap the sampler callback (called after each step's first evaluation, with the step index)."""
+    position = 5  # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
+    previous = args[position] if len(args) > position else kwargs.get("callback")
+
+    def callback(step, *rest):
+        run.report(step)
+        if previous is not None:
+            return previous(step, *rest)
+
+    if len(args) > position:
+        args = args[:position] + (callback,) + args[position + 1:]
+    else:
+        kwargs = dict(kwargs, callback=callback)
+    return args, kwargs
+
+
+def _predict_noise_wrapper(executor, *args, **kwargs):
+    """PREDICT_NOISE wrapper: tells the run state that a model evaluation starts (args: x, timestep, ...)."""
+    run = executor.class_obj.model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is not None:
+        run.start_evaluation(float(args[1].flatten()[0]))
+    return executor(*args, **kwargs)
+
+
+class BankWriteTap:
+    """attn1 *patch* of a write run: records the sampled hidden states entering attn1 (before to_k/to_v),
+    which is what the bank stores; returns its inputs unchanged."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        config: Optional[CSAConfig] = extra_options.get(CONFIG_KEY)
+        run: Optional[RunState] = extra_options.get(RUN_KEY)
+        block = extra_options.get("block")
+        if config is None or run is None or run.writer is None or block is None:
+            return n, context, value
+        layer = (block[0], block[1], extra_options.get("block_index", 0))
+        if layer not in config.attn1:
+            return n, context, value
+        sigma = float(extra_options["sigmas"].flatten()[0])
+        step = run.step_of(sigma)
+        if not config.schedule.active(step, sigma, layer):
+            return n, context, value  # no read will ask for this step and layer
+        kinds = list(extra_options.get("cond_or_uncond") or [0])
+        chunks, tokens, dim = len(kinds), context.shape[1], context.shape[-1]
+        batch = context.shape[0] // chunks
+        rate = config.rate_high_res if layer in config.high_res_layers else config.rate
+        sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(layer), run.rows)
+        index = sampled.to(context.device)[None, :, :, None].expand(chunks, -1, -1, dim)
+        hidden = torch.gather(context.reshape(chunks, batch, tokens, dim), 2, index)
+        run.writer.put(step, layer, run.roles_of(kinds), hidden, tokens)
+        return n, context, value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,6 +325,16 @@ class LayerReplace:
             return self.inner(q, k, v, extra_options)
         return glue.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
+    def bank_tokens(self, config: CSAConfig, run: RunState, step: int, kinds, tokens: int, k) -> core.BankTokens:
+        """The bank's hidden states for this call, projected by this layer's own to_k/to_v."""
+        try:
+            hidden = config.bank.hidden(step, self.layer, run.roles_of(kinds), tokens, device=k.device, dtype=k.dtype)
+        except BankError as e:
+            raise BankError(f"StoryDiffusion: {e}") from None
+        attn1 = config.attn1[self.layer]
+        hidden = hidden.to(k.device, k.dtype)
+        return core.BankTokens(attn1.to_k(hidden), attn1.to_v(hidden), run.bank_reads)
+
     def __call__(self, q, k, v, extra_options):
         config: Optional[CSAConfig] = extra_options.get(CONFIG_KEY)
         run: Optional[RunState] = extra_options.get(RUN_KEY)
@@ -224,26 +347,16 @@ class LayerReplace:
             raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
                              f"{len(run.rows)} panels (another node changed the batch?)")
         sigma = float(extra_options["sigmas"].flatten()[0])
-        step = step_index(sigma, run.sample_sigmas)
+        step = run.step_of(sigma)
         rate = config.rate_high_res if self.high_res else config.rate
         tokens = k.shape[1]
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), run.rows)
-
-        if run.writer is not None:
-            dim = k.shape[-1]
-            index = sampled.to(k.device)[None, :, :, None].expand(chunks, -1, -1, dim)
-            run.writer.put(step, self.layer, kinds,
-                           torch.gather(k.reshape(chunks, batch, tokens, dim), 2, index),
-                           torch.gather(v.reshape(chunks, batch, tokens, dim), 2, index), tokens, k.device)
 
         if not config.schedule.active(step, sigma, self.layer):
             return self.plain(q, k, v, extra_options)
         bank = None
         if run.bank_reads is not None:
-            try:
-                bank = config.bank.tokens(step, self.layer, kinds, tokens, run.bank_reads)
-            except BankError as e:
-                raise BankError(f"StoryDiffusion: {e}") from None
+            bank = self.bank_tokens(config, run, step, kinds, tokens, k)
         nothing_shared = sampled.shape[1] == 0 or not bool(run.share.any())
         if nothing_shared and (bank is None or not bool(bank.reads.any())):
             return self.plain(q, k, v, extra_options)
@@ -261,7 +374,7 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
     """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched)."""
     import comfy.patcher_extension
 
-    available, high_res = unet_layers(model)
+    available, high_res, attn1 = unet_layers(model)
     sigmas = glue.sigma_window(model, start_percent, end_percent)
     layers = select_layers(available, layer_choice, custom_layers)
     schedule = Schedule(window=sigmas, official=official_schedule, seed=int(seed))
@@ -272,7 +385,8 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
         identity_rows = tuple(ids) or None
     config = CSAConfig(rate=float(rate), rate_high_res=float(rate_high_res), window=int(window), seed=int(seed),
                        schedule=schedule, layers=tuple(layers), high_res_layers=frozenset(high_res),
-                       panel_characters=panel_characters, identity_rows=identity_rows)
+                       panel_characters=panel_characters, identity_rows=identity_rows,
+                       attn1={layer: attn1[layer] for layer in layers})
     patched = model.clone()
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for layer in layers:
@@ -283,6 +397,8 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
     patched.model_options["transformer_options"][CONFIG_KEY] = config
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
     return patched
 
 
@@ -294,14 +410,27 @@ def config_of(model) -> CSAConfig:
     return config
 
 
-def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0):
-    """A clone of a CSA-patched model that writes (identity run) or reads (story panels) `bank`."""
+def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=None):
+    """A clone of a CSA-patched model that writes (identity run) or reads (story panels) `bank`.
+
+    rows: the story panel of every latent row of a read run (e.g. (2, 5) from Select Story Panels);
+    default: consecutive panels from first_panel."""
     config = config_of(model)
-    if mode == MODE_READ and config.panel_characters is not None and first_panel >= len(config.panel_characters):
-        raise PatchError(f"first_panel {first_panel} is past the end of the story ({len(config.panel_characters)} panels)")
+    story_len = None if config.panel_characters is None else len(config.panel_characters)
+    if mode == MODE_READ and story_len is not None and first_panel >= story_len:
+        raise PatchError(f"first_panel {first_panel} is past the end of the story ({story_len} panels)")
+    if rows is not None:
+        rows = tuple(int(r) for r in rows)
+        if not rows or len(set(rows)) != len(rows) or (story_len is not None and max(rows) >= story_len):
+            raise PatchError(f"the read panels {list(rows)} must be distinct story panels of this story "
+                             f"({story_len} panels): connect the 'panels' output of Select Story Panels of the same story")
     patched = model.clone()
     patched.model_options["transformer_options"][CONFIG_KEY] = dataclasses.replace(
-        config, mode=mode, bank=bank, first_panel=int(first_panel))
+        config, mode=mode, bank=bank, first_panel=int(first_panel), read_rows=rows if mode == MODE_READ else None)
+    if mode == MODE_WRITE:
+        patches = patched.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
+        if not any(isinstance(p, BankWriteTap) for p in patches):
+            patched.set_model_attn1_patch(BankWriteTap())
     return patched
 
 

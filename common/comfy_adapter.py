@@ -75,3 +75,55 @@ def model_file_path(name: str, file: str, extensions: Iterable[str]) -> Optional
 
     model_folder(name, extensions)
     return folder_paths.get_full_path(name, file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the chunks of a model call
+
+
+CFG_ROLES = ("positive", "negative")  # CFGGuider / BasicGuider: calc_cond_batch([positive, negative])
+DUAL_CFG_ROLES = ("negative", "middle", "positive")  # DualCFGGuider: calc_cond_batch([negative, middle, positive])
+ROLES_KEY = "storydiffusion_chunk_roles"
+ROLES_WRAPPER_KEY = "storydiffusion_chunk_roles"
+
+
+def chunk_roles(guider) -> tuple:
+    """What each index of `cond_or_uncond` means for this guider: 0 is the positive prompt for CFGGuider
+    but the *negative* one for DualCFGGuider, whose chunks are (negative, middle, positive)."""
+    conds = getattr(guider, "original_conds", None) or getattr(guider, "conds", None) or {}
+    if "middle" in conds:
+        return DUAL_CFG_ROLES
+    return CFG_ROLES
+
+
+def roles_of_call(extra_options: dict) -> list:
+    """The role of each chunk of this model call (per-run roles set by `with_chunk_roles`, CFG otherwise)."""
+    roles = extra_options.get(ROLES_KEY) or CFG_ROLES
+    kinds = list(extra_options.get("cond_or_uncond") or [0])
+    if any(int(k) >= len(roles) for k in kinds):
+        raise ValueError(f"StoryDiffusion: a model call has chunks {kinds} but the guider has {len(roles)} "
+                         f"({', '.join(roles)}); use KSampler, CFGGuider, BasicGuider or DualCFGGuider")
+    return [roles[int(k)] for k in kinds]
+
+
+def _roles_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: put this guider's chunk roles into the run's transformer_options."""
+    import comfy.model_patcher
+
+    guider = executor.class_obj
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    guider.model_options.setdefault("transformer_options", {})[ROLES_KEY] = chunk_roles(guider)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+
+
+def with_chunk_roles(model_patcher) -> None:
+    """Install (once) the wrapper that tells patches of this clone what each chunk of a call is."""
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    model_patcher.remove_wrappers_with_key(kind, ROLES_WRAPPER_KEY)
+    model_patcher.add_wrapper_with_key(kind, ROLES_WRAPPER_KEY, _roles_wrapper)

@@ -165,7 +165,7 @@ class PerFrameIPAttention:
         dtype, device = q.dtype, q.device
         ad_params = extra_options.get("ad_params") or {}
         tokens = route_frames(self.tokens.cond.to(device, dtype), self.tokens.uncond.to(device, dtype),
-                              extra_options["cond_or_uncond"], q.shape[0], ad_params.get("sub_idxs"))
+                              glue.roles_of_call(extra_options), q.shape[0], ad_params.get("sub_idxs"))
         k_ip = torch.nn.functional.linear(tokens, self.to_k_ip.to(device, dtype))
         v_ip = torch.nn.functional.linear(tokens, self.to_v_ip.to(device, dtype))
         return out + self.weight * image_attention(q, k_ip, v_ip, heads, attention).to(out.dtype)
@@ -193,6 +193,7 @@ def apply_per_frame_ipadapter(model, ipadapter: dict, embeds: torch.Tensor, nega
     tokens = FrameTokens(cond, uncond)
 
     patched = model.clone()
+    glue.with_chunk_roles(patched)  # DualCFGGuider's chunk 0 is the negative pass
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for site, (to_k_ip, to_v_ip) in zip(sites, adapter.kv_weights):
         previous = existing.get(site.key, existing.get(site.key[:2]))

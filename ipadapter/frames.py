@@ -19,8 +19,10 @@ def route_frames(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond, rows:
                  frame_indices=None) -> torch.Tensor:
     """Per-row image tokens for a model batch laid out as chunks of the latent batch.
 
-    The batch is `len(cond_or_uncond)` chunks of B frames each (0 = positive, 1 = negative); row
-    c*B + j is frame j of chunk c, so it gets `cond[j]` or `uncond[j]`. One embedding is shared by
+    The batch is `len(cond_or_uncond)` chunks of B frames each; row c*B + j is frame j of chunk c,
+    so it gets `cond[j]`, or `uncond[j]` when chunk c is a negative pass. A chunk is named by its role
+    ("positive", "negative", "middle": DualCFGGuider's chunks are negative, middle, positive) or, as
+    in ComfyUI's CFG `cond_or_uncond`, by 0 (positive) / 1 (negative). One embedding is shared by
     every frame. `frame_indices` selects frames of a longer sequence (AnimateDiff context windows).
     """
     chunks = len(cond_or_uncond)
@@ -39,7 +41,8 @@ def route_frames(cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond, rows:
         raise FrameCountError(
             f"Per-frame conditioning got {count} embeddings but the latent batch has {frames} frames: give one "
             f"embedding per frame (same batch size as the latent) or a single embedding for all frames.")
-    return torch.cat([(cond, uncond)[int(c)] for c in cond_or_uncond], dim=0)
+    negative = [c == "negative" if isinstance(c, str) else int(c) == 1 for c in cond_or_uncond]
+    return torch.cat([uncond if n else cond for n in negative], dim=0)
 
 
 def image_attention(q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, heads: int, attention=multihead_attention):

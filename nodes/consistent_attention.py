@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..attention import comfy_adapter
 from ..attention import schedule as csa_schedule
 from ..attention.bank import IdentityBank
-from ..common.sockets import BANK_TYPE, CATEGORY, STORY_TYPE
+from ..common.sockets import BANK_TYPE, CATEGORY, PANELS_TYPE, STORY_TYPE
 
 SUBCATEGORY = f"{CATEGORY}/attention"
 
@@ -96,9 +96,13 @@ class IdentityBankWrite:
             "model": ("MODEL", {"tooltip": "The MODEL output of 'Consistent Self-Attention (StoryDiffusion)' (its settings "
                                            "and story decide the identity panels and what is stored)."}),
             "storage": (["cpu", "device"], {"default": "cpu",
-                                            "tooltip": "Keep the bank in CPU memory (saves GPU memory) or on the sampling "
-                                                       "device (faster reads)."}),
-            "dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Precision of the stored tokens."}),
+                                            "tooltip": "Where a read keeps the current step's tokens: CPU memory (moved to "
+                                                       "the GPU layer by layer) or the sampling device (one step at a time, "
+                                                       "never the whole bank). The bank itself is kept in CPU memory."}),
+            "dtype": (["fp16", "bf16", "fp32", "fp8"], {"default": "fp16",
+                                                        "tooltip": "Precision of the stored hidden states. fp16: what the "
+                                                                   "official code stores; fp8: half of that (e4m3 with a scale "
+                                                                   "per token, about 3% relative error per value); fp32: exact."}),
         }}
 
     def write(self, model, storage, dtype):
@@ -130,14 +134,17 @@ class IdentityBankRead:
         }, "optional": {
             "after": ("LATENT", {"tooltip": "Connect the LATENT output of the identity KSampler here so ComfyUI runs the "
                                             "identity run (which fills the bank) first. Not needed with a loaded bank."}),
+            "panels": (PANELS_TYPE, {"tooltip": "The 'panels' output of Select Story Panels: the story panel of every "
+                                                "latent of this batch (e.g. panels 2 and 5). Overrides first_panel."}),
         }}
 
-    def read(self, model, bank, first_panel, after=None):
+    def read(self, model, bank, first_panel, after=None, panels=None):
         if bank.empty:
             raise ValueError("the identity bank is empty: connect the LATENT output of the KSampler that samples the "
                              "'Identity Bank Write' model to the 'after' input, or load a saved bank")
         try:
-            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_READ, bank, first_panel),)
+            rows = None if panels is None else panels.rows
+            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_READ, bank, first_panel, rows=rows),)
         except ValueError as e:
             raise _user_error(e) from None
 

@@ -82,11 +82,11 @@ def make_story(panel_chars, identity=None):
 
 
 def test_finds_every_transformer_block(csa, sd15, sdxl):
-    layers, high = csa.unet_layers(sd15)
+    layers, high, attn1 = csa.unet_layers(sd15)
     expected = [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
     assert layers == expected
     assert high == {("input", 1, 0), ("input", 2, 0), ("output", 9, 0), ("output", 10, 0), ("output", 11, 0)}
-    layers, high = csa.unet_layers(sdxl)
+    layers, high, attn1 = csa.unet_layers(sdxl)
     assert ("output", 0, 1) in layers and ("middle", 0, 1) in layers and len(layers) == 2 + 2 * 2 + 2 + 3 * 2 + 3
     assert high == {("input", 4, 0), ("input", 5, 0), ("output", 3, 0), ("output", 4, 0), ("output", 5, 0)}
 
@@ -172,8 +172,9 @@ def test_interrupted_run_then_new_run_reproduces(csa, sd15):
                                    callback=callback, disable_pbar=True, seed=5)
 
     clean = run(writer)
-    clean_entries = {key: (k.clone(), v.clone()) for key, (k, v) in bank.entries.items()}
-    assert len({key[0] for key in clean_entries}) == STEPS and {key[2] for key in clean_entries} == {0, 1}
+    clean_entries = {key: stored.clone() for key, (stored, _) in bank.entries.items()}
+    assert len({key[0] for key in clean_entries}) == STEPS
+    assert {key[2] for key in clean_entries} == {"positive", "negative"}
 
     def interrupt(step, *args):
         if step == 1:
@@ -184,7 +185,7 @@ def test_interrupted_run_then_new_run_reproduces(csa, sd15):
     assert bank.empty  # no half-written bank
     assert torch.equal(run(writer), clean)
     assert bank.entries.keys() == clean_entries.keys()
-    assert all(torch.equal(bank.entries[key][0], clean_entries[key][0]) for key in clean_entries)
+    assert all(torch.equal(bank.entries[key][0], clean_entries[key]) for key in clean_entries)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(patched, interrupt)
     assert torch.equal(run(patched), clean)  # the write mode does not change the images

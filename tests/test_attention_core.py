@@ -207,16 +207,23 @@ def test_layer_selection(att):
         schedule.select_layers(layers, schedule.LAYERS_CUSTOM, "output 11")
 
 
-def _filled_bank(bank_mod, storage="cpu"):
-    bank = bank_mod.IdentityBank(storage=storage, dtype="fp16")
+def _filled_bank(bank_mod, storage="cpu", dtype="fp16"):
+    bank = bank_mod.IdentityBank(storage=storage, dtype=dtype)
     writer = bank.begin_write([0, 2], [("Ann",), ("Bob",)], [3.0, 1.0, 0.0])
     g = torch.Generator().manual_seed(0)
     for step in range(2):
-        kv = torch.randn(2, 2, 2, 5, 16, generator=g)  # k/v, chunks, panels, tokens, dim
-        writer.put(step, ("output", 3, 0), [0, 1], kv[0], kv[1], num_tokens=10, device=torch.device("cpu"))
+        hidden = torch.randn(2, 2, 5, 16, generator=g) * 3  # chunks, panels, sampled tokens, channels
+        writer.put(step, ("output", 3, 0), ["positive", "negative"], hidden, num_tokens=10)
     assert bank.empty  # nothing visible before the run completes
     writer.commit()
     return bank
+
+
+def _written(step, chunk):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(step + 1):
+        hidden = torch.randn(2, 2, 5, 16, generator=g) * 3
+    return hidden[chunk]
 
 
 def test_bank_lookup_and_errors(att):
@@ -227,30 +234,63 @@ def test_bank_lookup_and_errors(att):
     reads = bank.reads_for(3, [("Ann",), ("Ann", "Bob"), ()])
     assert bank.reads_for(2).all() and bank.reads_for(2).shape == (2, 2)  # no story: every bank panel
     assert reads.tolist() == [[True, False], [True, True], [False, False]]
-    tokens = bank.tokens(1, ("output", 3, 0), [1, 0], 10, reads)
-    assert tokens.k.shape == (2, 2, 5, 16)
-    assert torch.equal(tokens.k[0], bank.entries[(1, ("output", 3, 0), 1)][0])
+    hidden = bank.hidden(1, ("output", 3, 0), ["negative", "positive"], 10)
+    assert hidden.shape == (2, 2, 5, 16)
+    torch.testing.assert_close(hidden[0], _written(1, 1).half().float(), atol=0, rtol=0)  # negative first, as asked
     with pytest.raises(bank_mod.BankError, match="2 sampling steps, this run has 3"):
         bank.check_run([3.0, 2.0, 1.0, 0.0])
     with pytest.raises(bank_mod.BankError, match="another resolution"):
-        bank.tokens(0, ("output", 3, 0), [0], 40, reads)
+        bank.hidden(0, ("output", 3, 0), ["positive"], 40)
     with pytest.raises(bank_mod.BankError, match="no tokens for layer output.4.0"):
-        bank.tokens(0, ("output", 4, 0), [0], 10, reads)
+        bank.hidden(0, ("output", 4, 0), ["positive"], 10)
+    with pytest.raises(bank_mod.BankError, match="no middle pass for step 0"):
+        bank.hidden(0, ("output", 3, 0), ["middle"], 10)
     with pytest.raises(bank_mod.BankError, match="empty"):
         bank_mod.IdentityBank().check_run([1.0, 0.0])
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3), ("fp8", 7e-2)])
+def test_bank_storage_precision(att, dtype, tolerance):
+    """fp32 stores the hidden states exactly; the others within their format's relative precision
+    (fp8: e4m3 with one scale per token, relative error <= 2^-4 of the token's largest value)."""
+    _, _, bank_mod = att
+    bank = _filled_bank(bank_mod, dtype=dtype)
+    for step in range(2):
+        got = bank.hidden(step, ("output", 3, 0), ["positive", "negative"], 10)
+        for chunk in range(2):
+            want = _written(step, chunk)
+            error = (got[chunk] - want).abs() / want.abs().amax(dim=-1, keepdim=True)
+            assert float(error.max()) <= tolerance
+    if dtype == "fp32":
+        assert torch.equal(bank.hidden(0, ("output", 3, 0), ["positive"], 10)[0], _written(0, 0))
+
+
+def test_fp8_bank_is_half_of_fp16(att):
+    _, _, bank_mod = att
+    fp16, fp8 = _filled_bank(bank_mod, dtype="fp16"), _filled_bank(bank_mod, dtype="fp8")
+    values = sum(t.numel() for t, _ in fp16.entries.values())
+    assert fp16.nbytes() == 2 * values
+    assert fp8.nbytes() == values + 4 * values // 16  # one byte a value + one fp32 scale per 16-wide token
+
+
 def test_bank_file_round_trip(att, tmp_path):
     _, _, bank_mod = att
-    bank = _filled_bank(bank_mod)
-    path = tmp_path / "ann_bob.safetensors"
-    bank.save(str(path))
-    loaded = bank_mod.IdentityBank.load(str(path))
-    assert loaded.panels == bank.panels and loaded.characters == bank.characters
-    assert loaded.sample_sigmas == bank.sample_sigmas and loaded.layer_tokens == bank.layer_tokens
-    assert loaded.entries.keys() == bank.entries.keys()
-    assert all(torch.equal(loaded.entries[key][i], bank.entries[key][i]) for key in bank.entries for i in (0, 1))
-    assert [p.name for p in tmp_path.iterdir()] == ["ann_bob.safetensors"]  # no temp file left
+    for dtype in ("fp16", "fp8"):
+        bank = _filled_bank(bank_mod, dtype=dtype)
+        path = tmp_path / f"ann_bob_{dtype}.safetensors"
+        bank.save(str(path))
+        loaded = bank_mod.IdentityBank.load(str(path))
+        assert loaded.panels == bank.panels and loaded.characters == bank.characters
+        assert loaded.sample_sigmas == bank.sample_sigmas and loaded.layer_tokens == bank.layer_tokens
+        assert loaded.keys() == bank.keys() and loaded.dtype_name == dtype
+        for step in range(2):
+            args = (step, ("output", 3, 0), ["positive", "negative"], 10)
+            assert torch.equal(loaded.hidden(*args), bank.hidden(*args))
+        copy = tmp_path / f"copy_{dtype}.safetensors"
+        loaded.save(str(copy))  # a loaded bank saves as its file
+        assert copy.read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann_bob_fp16.safetensors", "ann_bob_fp8.safetensors",
+                                                          "copy_fp16.safetensors", "copy_fp8.safetensors"]  # no temp file left
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
@@ -259,6 +299,26 @@ def test_bank_file_round_trip(att, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(bank_mod.BankError, match="cannot read identity bank broken.safetensors"):
         bank_mod.IdentityBank.load(str(tmp_path / "broken.safetensors"))
+    save_file({"output.3.0/step0/kind0/k": torch.zeros(2, 5, 16), "output.3.0/step0/kind0/v": torch.zeros(2, 5, 16)},
+              str(tmp_path / "old.safetensors"), metadata={"format": "storydiffusion-identity-bank/1", "bank": "{}"})
+    with pytest.raises(bank_mod.BankError, match="earlier version of this pack.*re-create it"):
+        bank_mod.IdentityBank.load(str(tmp_path / "old.safetensors"))
+
+
+def test_loaded_bank_streams_one_step_at_a_time(att, tmp_path, monkeypatch):
+    """A read asks for one step's tensors: the bank reads only that step from the file and keeps no other."""
+    _, _, bank_mod = att
+    _filled_bank(bank_mod).save(str(tmp_path / "b.safetensors"))
+    loaded = bank_mod.IdentityBank.load(str(tmp_path / "b.safetensors"))
+    assert loaded.entries == {}  # nothing read at load time
+    seen = []
+    real = bank_mod.IdentityBank._load_step
+    monkeypatch.setattr(bank_mod.IdentityBank, "_load_step",
+                        lambda self, step, *a, **k: seen.append(step) or real(self, step, *a, **k))
+    for step in (0, 0, 1, 1):
+        loaded.hidden(step, ("output", 3, 0), ["positive", "negative"], 10)
+        assert {key[0] for key in loaded._step_cache[3]} == {step}
+    assert seen == [0, 1]
 
 
 def test_banks_and_predictors_share_the_folder_but_not_the_lists(att, comfy_nodes, models_dir):
