@@ -90,7 +90,7 @@ class StoryDiffusionSelectPanels:
         "first panel and which story panels were picked (for 'Panels In Story Order')."
     )
     CATEGORY = f"{CATEGORY}/story"
-    FUNCTION = "select_panels"
+    FUNCTION = "select"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT", PANELS_TYPE)
     RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel", "panels")
     OUTPUT_TOOLTIPS = (
@@ -124,7 +124,7 @@ class StoryDiffusionSelectPanels:
             }
         }
 
-    def select_panels(self, positive, negative, story, select, first_panel, count):
+    def select(self, positive, negative, story, select, first_panel, count):
         total = len(story)
         if select == self.SELECTIONS[0]:
             rows = list(story.identity_rows)
@@ -148,10 +148,6 @@ class StoryDiffusionSelectPanels:
             raise ValueError(f"unknown selection {select!r}; choose one of {list(self.SELECTIONS)}")
         return (comfy_adapter.select_rows(positive, rows), comfy_adapter.select_rows(negative, rows), len(rows),
                 rows[0], PanelSelection(rows=tuple(rows), story_length=total))
-
-    def select(self, positive, negative, story, select, first_panel, count):
-        """The first four outputs only (positive, negative, panel_count, first_panel), for Python callers."""
-        return self.select_panels(positive, negative, story, select, first_panel, count)[:4]
 
 
 class StoryDiffusionStoryOrder:

@@ -252,7 +252,7 @@ def test_bank_lookup_and_errors(att):
 @pytest.mark.parametrize("dtype, tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3), ("fp8", 7e-2)])
 def test_bank_storage_precision(att, dtype, tolerance):
     """fp32 stores the hidden states exactly; the others within their format's relative precision
-    (fp8: e4m3 with one scale per token, relative error <= 2^-4 of the token's largest value)."""
+    (fp8: e4m3, relative error <= 2^-4 of the token's largest value)."""
     _, _, bank_mod = att
     bank = _filled_bank(bank_mod, dtype=dtype)
     for step in range(2):
@@ -270,7 +270,7 @@ def test_fp8_bank_is_half_of_fp16(att):
     fp16, fp8 = _filled_bank(bank_mod, dtype="fp16"), _filled_bank(bank_mod, dtype="fp8")
     values = sum(t.numel() for t, _ in fp16.entries.values())
     assert fp16.nbytes() == 2 * values
-    assert fp8.nbytes() == values + 4 * values // 16  # one byte a value + one fp32 scale per 16-wide token
+    assert fp8.nbytes() == values  # one byte a value
 
 
 def test_bank_file_round_trip(att, tmp_path):

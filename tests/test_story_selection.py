@@ -61,15 +61,13 @@ def test_selects_the_panels_that_are_not_identity_panels(select, story_outputs):
     assert count == 6 and story.identity_rows == (0, 1, 3, 4)
     ((cond, extras),), ((neg_cond, _),) = positive, negative
     for choice, rows in [(NOT_IDENTITY, [2, 5]), ("identity panels", [0, 1, 3, 4]), ("panel range", [1, 2, 3, 4, 5])]:
-        pos, neg, picked, first, panels = select.select_panels(positive, negative, story, choice, 1, 0)
+        pos, neg, picked, first, panels = select.select(positive, negative, story, choice, 1, 0)
         ((p_cond, p_extras),), ((n_cond, _),) = pos, neg
         assert torch.equal(p_cond, cond[rows])
         assert torch.equal(p_extras["pooled_output"], extras["pooled_output"][rows])
         assert torch.equal(n_cond, neg_cond[rows])
         assert (picked, first) == (len(rows), rows[0])
         assert panels.rows == tuple(rows) and panels.story_length == 6
-    # the four-output form Python callers use is unchanged
-    assert len(select.select(positive, negative, story, NOT_IDENTITY, 0, 0)) == 4
 
 
 def test_the_selection_value_is_frozen_and_checked(pack):
@@ -89,7 +87,7 @@ def test_no_other_panels_is_a_clear_error(select, comfy_nodes):
     positive, negative, _, story, _ = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionStory"]().build(
         clip, CHARACTERS, "[Mia] at a bus stop\n[Leo] reads a paper", "(No style)", "", 3)
     with pytest.raises(ValueError, match="every one of the story's 2 panels is an identity panel"):
-        select.select_panels(positive, negative, story, NOT_IDENTITY, 0, 0)
+        select.select(positive, negative, story, NOT_IDENTITY, 0, 0)
 
 
 def test_selection_values_keep_their_order_for_saved_workflows(select):

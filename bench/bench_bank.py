@@ -1,0 +1,114 @@
+"""Identity bank bytes per identity image per step at real geometry, against the official StoryDiffusion bank.
+
+The official code stores, for every step and every patched (up-block) attn1, the sampled hidden states
+entering attn1 (rate 0.5, fp16, cond + uncond). This bench writes one step of real-size random hidden
+states through the pack's own BankWriter for every output-block layer of SD1.5 512 px, SDXL 768 px and
+SDXL 1024 px, reads the stored bytes back from the bank, and divides by the official figure. It also
+counts how many (step, layer) pairs a 30-step write keeps under the "official random" schedule (the
+bank stores only pairs a read can use) and prints the real size of a 4-image, 30-step bank.
+
+    python bench/bench_bank.py            # Markdown table, then one JSON line (the last line)
+
+No ComfyUI needed: the pack is imported as a bare package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RATE = 0.5
+STEPS = 30
+IDENTITY_IMAGES = 4
+
+# output-block (official) self-attention layers: (layers, tokens, channels)
+GEOMETRIES = {
+    "SD1.5 512px": [(3, 16 * 16, 1280), (3, 32 * 32, 640), (3, 64 * 64, 320)],
+    "SDXL 768px": [(30, 24 * 24, 1280), (6, 48 * 48, 640)],
+    "SDXL 1024px": [(30, 32 * 32, 1280), (6, 64 * 64, 640)],
+}
+OFFICIAL_MB_SDXL_768 = 62.0  # DESIGN.md §4: ≈ 62 MB per identity image per step
+
+
+def import_pack():
+    if "sdpack" not in sys.modules:
+        pack = types.ModuleType("sdpack")
+        pack.__path__ = [REPO]
+        sys.modules["sdpack"] = pack
+    from sdpack.attention import bank, schedule  # noqa: E402
+
+    return bank, schedule
+
+
+def layers_of(geometry):
+    out = []
+    for count, tokens, channels in GEOMETRIES[geometry]:
+        out += [(tokens, channels)] * count
+    return out
+
+
+def official_bytes(geometry) -> int:
+    """Sampled hidden states, fp16 (2 bytes), cond + uncond (2 chunks), one identity image, one step."""
+    return sum(round(tokens * RATE) * channels * 2 * 2 for tokens, channels in layers_of(geometry))
+
+
+def measured_bytes(bank_mod, geometry, dtype: str) -> int:
+    """Write one step for one identity image through the real BankWriter and read the bank's size."""
+    bank = bank_mod.IdentityBank(dtype=dtype)
+    writer = bank.begin_write([0], [("A",)], [1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    for index, (tokens, channels) in enumerate(layers_of(geometry)):
+        hidden = torch.randn(2, 1, round(tokens * RATE), channels, generator=g)
+        writer.put(0, ("output", index, 0), ["positive", "negative"], hidden, tokens)
+    writer.commit()
+    return bank.nbytes()
+
+
+def official_schedule_fraction(schedule_mod, layer_count: int) -> float:
+    """Share of (step, layer) pairs of a 30-step run at which the 'official random' schedule shares."""
+    s = schedule_mod.Schedule(official=True, seed=0)
+    used = sum(s.active(step, 1.0, ("output", layer, 0)) for step in range(STEPS) for layer in range(layer_count))
+    return used / (STEPS * layer_count)
+
+
+def bank_rows(args=None):
+    """(Markdown lines, JSON dict) for bench_memory.py and this script."""
+    bank_mod, schedule_mod = import_pack()
+    lines = ["| geometry | official MB/img/step | fp16 | fp8 | fp8 + official schedule | old K/V format | "
+             "4 images x 30 steps, fp16 / fp8 |",
+             "|---|---|---|---|---|---|---|"]
+    result = {}
+    for geometry in GEOMETRIES:
+        official = official_bytes(geometry)
+        fp16 = measured_bytes(bank_mod, geometry, "fp16") / official
+        fp8 = measured_bytes(bank_mod, geometry, "fp8") / official
+        fraction = official_schedule_fraction(schedule_mod, len(layers_of(geometry)))
+        total16 = official * fp16 * IDENTITY_IMAGES * STEPS / 2**30
+        total8 = official * fp8 * IDENTITY_IMAGES * STEPS / 2**30
+        lines.append(f"| {geometry} | {official / 1e6:.1f} | {fp16:.2f} | {fp8:.2f} | {fp8 * fraction:.2f} | 2.00 | "
+                     f"{total16:.2f} / {total8:.2f} GiB |")
+        result[geometry] = {"official_mb": round(official / 1e6, 2), "fp16": round(fp16, 4), "fp8": round(fp8, 4),
+                            "fp8_official_schedule": round(fp8 * fraction, 4),
+                            "bank_gib_4_images_30_steps_fp16": round(total16, 3),
+                            "bank_gib_4_images_30_steps_fp8": round(total8, 3)}
+    sdxl768 = result["SDXL 768px"]["official_mb"]
+    lines.append(f"\nOfficial SDXL 768 px figure recomputed: {sdxl768:.1f} MB (DESIGN.md: ≈{OFFICIAL_MB_SDXL_768:.0f} MB).")
+    best = max(r["fp8"] for r in result.values())
+    return lines, {"bank_vs_official": best, "bank_vs_official_fp16": max(r["fp16"] for r in result.values()),
+                   "bank": result}
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    lines, figures = bank_rows()
+    print("\n".join(lines))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
