@@ -31,6 +31,12 @@ over repeats. Repeats run in their own process (CPU) and stop at --budget second
 call takes more than half of it (the largest sizes on CPU), the memory call is the one timed repeat. Each method is warmed up on
 a small slice first; torch's thread count is left as it is.
 
+Why small sizes scatter (and the old 1.71 at 2 panels in bench_attention.py at a 128 px latent): a
+CSA call is many short parallel regions (a gather, two copies and one attention per panel) where
+plain attention is one long one. At 1024 tokens, with other processes on a 2-core machine, the same
+2-panel call took 0.20 s and then 0.05 s in back-to-back repeats (plain: 0.03-0.08 s); it is load and
+first-call noise on a small call, not gather cost: at 4096 tokens the gather is a few % of the time.
+
 The last line of stdout is one JSON object: whole_batch_vs_loop_mem (max mem ratio over panel
 counts and geometries), step_vs_flops (max time ratio), per-geometry details, and what bank_rows()
 adds. Targets: whole_batch_vs_loop_mem <= 1.1, step_vs_flops <= 1.15.
@@ -337,8 +343,11 @@ def main(argv=None):
 
 
 def bank_rows(args) -> tuple[list[str], dict]:
-    """Bank read figures: ([markdown lines], {json keys}). Nothing yet."""
-    return [], {}
+    """Identity bank bytes per identity image per step vs the official bank (bench/bench_bank.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_bank
+
+    return bench_bank.bank_rows(args)
 
 
 if __name__ == "__main__":
