@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.errors import StoryDiffusionError
+
 KEY_PATTERN = re.compile(r"^(?P<base>unet\.(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out))_lora\."
                          r"(?P<side>down|up)\.weight$")
 
 
-class LoraWeightsError(ValueError):
+class LoraWeightsError(StoryDiffusionError):
     """`lora_weights` is not in the PhotoMaker v1 format (message lists the offending keys)."""
 
 

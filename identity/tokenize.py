@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..common.errors import StoryDiffusionError
 
-class TriggerError(ValueError):
+
+class TriggerError(StoryDiffusionError):
     """The prompt cannot carry the reference photos as written (message says how to fix it)."""
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..common.attention import multihead_attention
+from ..common.errors import StoryDiffusionError
 
 
-class FrameCountError(ValueError):
+class FrameCountError(StoryDiffusionError):
     """The number of embeddings does not match the number of latent frames."""
 
 

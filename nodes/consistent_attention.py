@@ -4,12 +4,16 @@ from __future__ import annotations
 from ..attention import comfy_adapter
 from ..attention import schedule as csa_schedule
 from ..attention.bank import IdentityBank
+from ..common.errors import StoryDiffusionError
 from ..common.sockets import BANK_TYPE, CATEGORY, PANELS_TYPE, STORY_TYPE
 
 SUBCATEGORY = f"{CATEGORY}/attention"
 
 def _user_error(e: Exception) -> Exception:
-    """Our own validation errors reach the user as plain ValueErrors with the message only."""
+    """Our own validation errors reach the user with their message and a short traceback; the pack's
+    own types keep their name (StoryDiffusion.BankError...), anything else becomes a ValueError."""
+    if isinstance(e, StoryDiffusionError):
+        return e.with_traceback(None)
     return ValueError(str(e))
 
 

@@ -17,12 +17,14 @@ import math
 
 import torch
 
+from ..common.errors import StoryDiffusionError
+
 # Tiling multiplies a short cond up to the least common multiple of all lengths; past this many
 # 77-token chunks cross-attention gets needlessly expensive, so the user is asked to even out prompts.
 MAX_COMMON_CHUNKS = 12
 
 
-class ConditioningError(ValueError):
+class ConditioningError(StoryDiffusionError):
     pass
 
 

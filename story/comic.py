@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from ..common.errors import StoryDiffusionError
+
 LAYOUT_GRID = "grid"
 LAYOUT_CLASSIC = "classic comic"
 LAYOUT_STRIP = "horizontal strip"
@@ -35,7 +37,7 @@ CAPTION_POSITIONS = (CAPTION_BELOW, CAPTION_OVERLAY)
 MIN_PANEL_PIXELS = 8
 
 
-class ComicError(ValueError):
+class ComicError(StoryDiffusionError):
     pass
 
 

@@ -172,7 +172,8 @@ def test_plus_projection_tokens(ipa):
 
 
 def test_each_frame_gets_its_own_embedding(ipa, sd15, comfy_nodes, monkeypatch):
-    """Hook on the IP branch's inputs: row c*B+j holds proj(embedding j) (cond) or proj(0) (uncond)."""
+    """Hook on the IP branch's inputs: row c*B+j holds proj(embedding j) (positive chunk) or proj(0)
+    (negative chunk); the patch names chunks by their role."""
     groups = fx.tiny_ipadapter("sd15")
     embeds = fx.frame_embeddings(3, 32, seed=3)
     patched = ipa.comfy.apply_per_frame_ipadapter(sd15.model, groups, embeds, None, 1.0, 0.0, 1.0)
@@ -194,8 +195,8 @@ def test_each_frame_gets_its_own_embedding(ipa, sd15, comfy_nodes, monkeypatch):
     for cond_or_uncond, tokens in seen:
         for c, kind in enumerate(cond_or_uncond):
             for j in range(3):
-                assert torch.allclose(tokens[c * 3 + j], (cond, uncond)[kind][j], atol=1e-6)
-    assert any(0 in c for c, _ in seen) and any(1 in c for c, _ in seen)
+                assert torch.allclose(tokens[c * 3 + j], (uncond if kind == "negative" else cond)[j], atol=1e-6)
+    assert any("positive" in c for c, _ in seen) and any("negative" in c for c, _ in seen)
 
 
 def test_frame_only_depends_on_its_embedding(ipa, sd15, comfy_nodes):
