@@ -450,12 +450,17 @@ def load_bank_file(name: str, storage: str) -> IdentityBank:
     return IdentityBank.load(path, storage=storage)
 
 
-def save_bank_file(bank: IdentityBank, filename_prefix: str) -> tuple[str, str]:
-    """Save to the output folder as <prefix>_00001_.safetensors; returns (subfolder, file name)."""
+def save_bank_file(bank: IdentityBank, filename_prefix: str) -> str:
+    """Save into models/storydiffusion as <prefix>_00001_.safetensors (the counter never overwrites), where
+    Load Identity Bank lists it; returns the name the loader shows."""
     import folder_paths
 
-    out = folder_paths.get_output_directory()
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out)
+    folder = glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)[0]
+    prefix = (filename_prefix or "").strip() or "bank"
+    try:
+        target, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
+    except Exception:
+        raise BankError(f"filename_prefix {prefix!r} must stay inside models/{BANK_FOLDER} (no '..' or absolute paths)") from None
     file = f"{name}_{counter:05}_.safetensors"
-    bank.save(os.path.join(folder, file))
-    return subfolder, file
+    bank.save(os.path.join(target, file))
+    return f"{subfolder}/{file}" if subfolder else file

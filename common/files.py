@@ -37,6 +37,20 @@ def temporary_beside(path: str, suffix: str = ".partial") -> str:
     raise FileExistsError(f"could not create a temporary file next to {path!r}")
 
 
+def new_file_mode() -> int:
+    """0o666 with the process umask applied: the mode `open(path, "w")` gives a new file.
+
+    Linux tells the umask in /proc (no change, safe beside other threads); elsewhere it is set and
+    restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ".partial") -> Iterator[str]:
     """Yield a temporary file name next to `path`; on success it is renamed onto `path` (os.replace),
@@ -44,6 +58,7 @@ def atomic_path(path: str, suffix: str = ".partial") -> Iterator[str]:
     temporary = temporary_beside(path, suffix)
     try:
         yield temporary
+        os.chmod(temporary, new_file_mode())  # writers that recreate the file (safetensors: 0600) get it back
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

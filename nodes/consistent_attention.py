@@ -154,8 +154,8 @@ class IdentityBankRead:
 
 
 class SaveIdentityBank:
-    DESCRIPTION = ("Saves an identity bank to the output folder as .safetensors, to reuse the characters in another "
-                   "session (move the file into models/storydiffusion and load it with 'Load Identity Bank').")
+    DESCRIPTION = ("Saves an identity bank as .safetensors into models/storydiffusion, where 'Load Identity Bank' "
+                   "lists it (press R in the UI to refresh the list): the characters can be reused in another session.")
     CATEGORY = SUBCATEGORY
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -166,7 +166,8 @@ class SaveIdentityBank:
         return {"required": {
             "bank": (BANK_TYPE, {"tooltip": "The bank to save (filled by its identity run)."}),
             "filename_prefix": ("STRING", {"default": "storydiffusion/bank",
-                                           "tooltip": "File name prefix inside the output folder; a counter is appended."}),
+                                           "tooltip": "File name prefix inside models/storydiffusion (may contain "
+                                                      "subfolders); a counter is appended, nothing is overwritten."}),
         }, "optional": {
             "after": ("LATENT", {"tooltip": "Connect the LATENT output of the identity KSampler so the bank is filled "
                                             "before it is saved."}),
@@ -174,10 +175,10 @@ class SaveIdentityBank:
 
     def save(self, bank, filename_prefix, after=None):
         try:
-            subfolder, file = comfy_adapter.save_bank_file(bank, filename_prefix)
+            name = comfy_adapter.save_bank_file(bank, filename_prefix)
         except ValueError as e:
             raise _user_error(e) from None
-        return {"ui": {"text": [f"{subfolder}/{file}" if subfolder else file]}}
+        return {"ui": {"text": [name]}}
 
 
 class LoadIdentityBank:
@@ -191,9 +192,12 @@ class LoadIdentityBank:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "bank_name": (comfy_adapter.list_bank_files(), {"tooltip": "A .safetensors bank in models/storydiffusion."}),
+            "bank_name": (comfy_adapter.list_bank_files(), {
+                "tooltip": "An identity bank in models/storydiffusion, as 'Save Identity Bank' writes it. Only "
+                           ".safetensors banks are listed (motion predictors in the same folder are not)."}),
             "storage": (["cpu", "device"], {"default": "cpu",
-                                            "tooltip": "Keep the bank in CPU memory or move it to the sampling device at each read."}),
+                                            "tooltip": "The file is read one step at a time during a read; keep that "
+                                                       "step's tokens in CPU memory or on the sampling device."}),
         }}
 
     def load(self, bank_name, storage):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -295,6 +294,12 @@ def _prompt(ckpt, extra):
     return base
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _sampler(model, batch, latent_id):
     return {
         f"empty_{latent_id}": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
@@ -339,9 +344,11 @@ def test_nodes_in_a_prompt_write_save_load_read(comfy, comfy_nodes, checkpoint_f
     panel, plain = _latent(output_dir, outputs, "save_panel"), _latent(output_dir, outputs, "save_plain")
     assert (panel - plain).abs().max() > 1e-3
 
-    (saved,) = outputs["savebank"]["text"]
-    shutil.copy(os.path.join(output_dir, saved), models_dir / "storydiffusion" / "hero.safetensors")
-    load = {"load": {"class_type": "StoryDiffusionLoadIdentityBank", "inputs": {"bank_name": "hero.safetensors",
+    (saved,) = outputs["savebank"]["text"]  # saved where the loader looks: no file to move by hand
+    assert saved == "banks/hero_00001_.safetensors"
+    assert saved in pack.NODE_CLASS_MAPPINGS["StoryDiffusionLoadIdentityBank"].INPUT_TYPES()["required"]["bank_name"][0]
+    assert oct((models_dir / "storydiffusion" / saved).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    load = {"load": {"class_type": "StoryDiffusionLoadIdentityBank", "inputs": {"bank_name": saved,
                                                                                "storage": "cpu"}},
             "read": {"class_type": "StoryDiffusionIdentityBankRead",
                      "inputs": {"model": ["csa", 0], "bank": ["load", 0], "first_panel": 2}}}
