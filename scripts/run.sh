@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$here/scripts/setup.sh"
 comfy="${COMFYUI_PATH:-$here/.harness/ComfyUI}"
-py="$here/.harness/venv/bin/python"
+py="${STORYDIFFUSION_VENV:-$here/.harness/venv}/bin/python"
 extra=()
 if ! "$py" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   extra+=(--cpu)

@@ -9,13 +9,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 harness="$here/.harness"
-venv="$harness/venv"
+venv="${STORYDIFFUSION_VENV:-$harness/venv}"  # one venv per ComfyUI version (their pins differ)
 py="${PYTHON:-python3.11}"
 command -v "$py" >/dev/null 2>&1 || py=python3
 mkdir -p "$harness"
 
 comfy="${COMFYUI_PATH:-$harness/ComfyUI}"
-stamp="$harness/.setup-$(cat "$here/requirements.txt" "$here/scripts/setup.sh" | sha1sum | cut -c1-12)-$(echo "$comfy" | sha1sum | cut -c1-8)"
+stamp="$harness/.setup-$(cat "$here/requirements.txt" "$here/scripts/setup.sh" | sha1sum | cut -c1-12)-$(echo "$comfy $venv" | sha1sum | cut -c1-8)"
 if [ -f "$stamp" ] && [ -x "$venv/bin/python" ] && [ -f "$comfy/main.py" ]; then
   exit 0
 fi
@@ -66,6 +66,6 @@ $pip install --quiet -c "$harness/constraints.txt" -r "$harness/comfy-req.txt" \
 mkdir -p "$comfy/custom_nodes"
 link="$comfy/custom_nodes/comfyui-storydiffusion"
 if [ ! -e "$link" ]; then ln -s "$here" "$link"; fi
-rm -f "$harness"/.setup-*
+rm -f "$harness"/.setup-*-"$(echo "$comfy $venv" | sha1sum | cut -c1-8)"
 touch "$stamp"
 echo "[setup] ready: ComfyUI at $comfy, python at $venv/bin/python"

@@ -8,4 +8,4 @@ if [ "${STORYDIFFUSION_SKIP_BROWSER_SETUP:-0}" != "1" ] && [ -f "$here/scripts/s
   bash "$here/scripts/setup_browser.sh" || echo "[test] browser set-up failed: the browser tests will say why they skip"
 fi
 cd "$here"
-exec "$here/.harness/venv/bin/python" -m pytest "$@"
+exec "${STORYDIFFUSION_VENV:-$here/.harness/venv}/bin/python" -m pytest "$@"
