@@ -39,9 +39,11 @@ def images_to_tensor(pages: list[Image.Image]) -> torch.Tensor:
 class StoryDiffusionComicPage:
     DESCRIPTION = (
         "Lays out a batch of panel images as comic pages with typeset captions (word wrap, automatic font "
-        "size, CJK and other scripts via the bundled font). Layouts: grid, classic comic (single panels mixed "
-        "with pairs of stacked half-height panels) and horizontal strip. Panels keep their aspect ratio. "
-        "More panels than fit on one page give several pages."
+        "size, one size per page, CJK and other scripts via the bundled font). Layouts: grid, classic comic "
+        "(single panels mixed with pairs of half-width panels side by side) and horizontal strip. Panels fill "
+        "the page: each picture fills its panel (scaled, never stretched, centre-cropped to the panel's "
+        "shape), and a page with fewer panels than cells gets fewer, larger panels. More panels than fit on "
+        "one page give several pages."
     )
     CATEGORY = f"{CATEGORY}/story"
     FUNCTION = "compose"
@@ -60,8 +62,8 @@ class StoryDiffusionComicPage:
                                "node's captions. Leave empty for no captions."}),
                 "layout": (list(comic.LAYOUTS), {
                     "default": comic.LAYOUT_CLASSIC,
-                    "tooltip": "grid: rows x columns; classic comic: cells holding one panel or two stacked "
-                               "half-height panels; horizontal strip: one row of 'columns' panels per page."}),
+                    "tooltip": "grid: rows x columns; classic comic: cells holding one panel or two half-width "
+                               "panels side by side; horizontal strip: one row of 'columns' panels per page."}),
                 "rows": ("INT", {"default": 2, "min": 1, "max": 16,
                                  "tooltip": "Rows of cells per page (ignored by horizontal strip)."}),
                 "columns": ("INT", {"default": 2, "min": 1, "max": 16,
@@ -70,7 +72,9 @@ class StoryDiffusionComicPage:
                                        "tooltip": "Page width in pixels."}),
                 "page_height": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8,
                                         "tooltip": "Page height in pixels; 0 = automatic, so that cells match the "
-                                                   "panels' aspect ratio."}),
+                                                   "panels' aspect ratio (a story shorter than one page gets "
+                                                   "fewer rows/columns). A fixed height crops the pictures "
+                                                   "to the cells' shape."}),
                 "margin": ("INT", {"default": 32, "min": 0, "max": 2048,
                                    "tooltip": "Empty border around the page content, in pixels."}),
                 "gutter": ("INT", {"default": 16, "min": 0, "max": 1024,
@@ -84,12 +88,13 @@ class StoryDiffusionComicPage:
                 "caption_height": ("FLOAT", {"default": 0.18, "min": 0.05, "max": 0.6, "step": 0.01,
                                              "tooltip": "Caption box height as a fraction of the panel cell."}),
                 "max_font_size": ("INT", {"default": 40, "min": 6, "max": 512,
-                                          "tooltip": "Largest caption font size; longer captions shrink to fit "
-                                                     "(down to 8 px, then they are cut with …)."}),
+                                          "tooltip": "Largest caption font size. All captions of a page share one "
+                                                     "size: the largest at which every one fits its box "
+                                                     "(down to 8 px, then a caption is cut with …)."}),
                 "border": ("INT", {"default": 3, "min": 0, "max": 64,
                                    "tooltip": "Panel outline width in pixels (0 = none)."}),
                 "layout_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
-                                        "tooltip": "Seed for the classic comic mix of single and stacked panels: "
+                                        "tooltip": "Seed for the classic comic mix of single panels and side-by-side pairs: "
                                                    "the same seed gives the same pages."}),
             }
         }
@@ -99,18 +104,29 @@ class StoryDiffusionComicPage:
         panels = tensor_to_images(images)
         caption_list = split_captions(captions, len(panels))
         has_captions = any(c.strip() for c in caption_list)
+        aspect = panels[0].width / panels[0].height
+        fraction = caption_height if has_captions and caption_position == comic.CAPTION_BELOW else 0.0
         if page_height == 0:
-            aspect = panels[0].width / panels[0].height
-            fraction = caption_height if has_captions and caption_position == comic.CAPTION_BELOW else 0.0
+            rows, columns = self.rows_and_columns(len(panels), layout, rows, columns)
             page_height = comic.auto_page_height(page_width, margin, gutter, rows, columns, layout, aspect, fraction)
         style = comic.PageStyle(
             page_w=page_width, page_h=page_height, background=comic.parse_colour(background), border=border,
             caption_position=caption_position, caption_fraction=caption_height, max_font_size=max_font_size)
         pages = comic.layout_pages(len(panels), layout, page_width, page_height, margin, gutter, rows, columns,
-                                   seed=layout_seed)
+                                   seed=layout_seed, panel_aspect=aspect * (1.0 - fraction))
         rendered = comic.render_pages(panels, caption_list, pages, style)
         return (images_to_tensor(rendered),)
 
+    @staticmethod
+    def rows_and_columns(panel_count, layout, rows, columns):
+        """For an automatic page height: a story shorter than one page gets a page of its own size (3
+        panels on a 2 x 2 grid: 2 columns, 2 rows; 2 panels: one row), not a tall page of large panels."""
+        if layout == comic.LAYOUT_STRIP:
+            return rows, min(columns, panel_count)
+        if panel_count < rows * columns:
+            columns = min(columns, panel_count)
+            rows = min(rows, -(-panel_count // columns))
+        return rows, columns
 
 NODE_CLASS_MAPPINGS = {"StoryDiffusionComicPage": StoryDiffusionComicPage}
 NODE_DISPLAY_NAME_MAPPINGS = {"StoryDiffusionComicPage": "Comic Page (StoryDiffusion)"}

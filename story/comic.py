@@ -4,13 +4,17 @@ Geometry first: `layout_pages` returns, for every page, one rectangle per panel 
 Layouts:
 - grid: rows x cols equal cells;
 - classic comic: a rows x cols grid whose cells each hold one panel or, by a seeded coin flip, two
-  half-height panels stacked (the mix of the official demo's "classic comic" pages);
+  half-width panels side by side (the mix of single and paired panels of the official demo's
+  "classic comic" pages);
 - horizontal strip: one row of `cols` panels per page.
-Panels never overlap, keep `gutter` pixels between them and stay inside the margins.
+Panels never overlap, keep `gutter` pixels between them and stay inside the margins, and every page
+is filled: panels, gutters and margins cover the whole page (a page with fewer panels than cells gets
+fewer, larger panels, shaped to crop the images least).
 
-Rendering fits each image into its rectangle without cropping or stretching (aspect ratio kept,
-centred), and typesets the caption in a box: word wrap (CJK breaks between characters), the
-largest font size that fits, and per-character font fallback. The font that ships with the pack
+Rendering fills each panel with its image ("cover": scaled with the aspect ratio kept and
+centre-cropped to the panel, see `cover_image` for why), and typesets the captions in boxes: word
+wrap (CJK breaks between characters), one font size per page (the largest at which every caption of
+the page fits its box) and per-character font fallback. The font that ships with the pack
 (WenQuanYi Micro Hei, Apache-2.0, Latin + Greek + Cyrillic + CJK + Hangul) comes first, so pages
 look the same on every machine; system fonts are only asked for characters it lacks.
 """
@@ -96,14 +100,103 @@ def _cells(box: Rect, rows: int, cols: int, gutter: int) -> list[Rect]:
     return [Rect(x, y, w, h) for y, h in ys for x, w in xs]
 
 
-def _stacked(cell: Rect, gutter: int) -> list[Rect]:
-    (top, top_h), (bottom, bottom_h) = _spans(cell.y, cell.h, 2, gutter, "stacked panels")
-    return [Rect(cell.x, top, cell.w, top_h), Rect(cell.x, bottom, cell.w, bottom_h)]
+def _side_by_side(cell: Rect, gutter: int) -> list[Rect]:
+    """A cell split into two half-width panels of the cell's full height."""
+    return [Rect(x, cell.y, w, cell.h) for x, w in _spans(cell.x, cell.w, 2, gutter, "side-by-side panels")]
+
+
+def _rows_of(box: Rect, counts: list[int], gutter: int) -> list[Rect]:
+    """Equal-height rows filling `box`, row i split into counts[i] equal panels."""
+    rects = []
+    for (y, h), count in zip(_spans(box.y, box.h, len(counts), gutter, "rows"), counts):
+        rects.extend(Rect(x, y, w, h) for x, w in _spans(box.x, box.w, count, gutter, "columns"))
+    return rects
+
+
+def crop_factor(rects: list[Rect], aspect: float) -> float:
+    """How far the least fitting rect's shape (w / h) is from `aspect`: 1.0 = same shape, 2.0 = a cover
+    crop keeps half of the image in one direction."""
+    return max(max(r.w / r.h / aspect, aspect * r.h / r.w) for r in rects)
+
+
+def _fill(box: Rect, count: int, max_rows: int, gutter: int, aspect: float) -> list[Rect]:
+    """`count` panels that fill `box`: 1..max_rows equal-height rows with the panels spread as evenly as
+    possible (rows with more panels first); of those arrangements, the one whose panels are closest to
+    `aspect` (the least cropping)."""
+    best, error = None, None
+    for rows in range(1, min(count, max_rows) + 1):
+        base, extra = divmod(count, rows)
+        try:
+            rects = _rows_of(box, [base + 1] * extra + [base] * (rows - extra), gutter)
+        except ComicError as e:
+            error = error or e
+            continue
+        score = crop_factor(rects, aspect)
+        if best is None or score < best[0] - 1e-9:
+            best = (score, rects)
+    if best is None:
+        raise error
+    return best[1]
+
+
+def _classic_pages(panel_count: int, cells: list[Rect], box: Rect, rows: int, gutter: int, aspect: float,
+                   rng: random.Random) -> list[list[Rect]]:
+    """Classic comic: every page fills all of its cells; a seeded coin flip per cell splits it into two
+    side-by-side panels. The flips are adjusted so that no page is left partly empty: the last page takes
+    the rest when it holds at most two panels per cell, and otherwise the page before it leaves exactly
+    one cell per panel for it."""
+    per_page = len(cells)
+    pages: list[list[Rect]] = []
+    remaining = panel_count
+    while remaining > 0:
+        if remaining < per_page:  # only a story shorter than one page of cells
+            pages.append(_fill(box, remaining, rows, gutter, aspect))
+            break
+        flips = [i for i in range(per_page) if rng.random() < 0.5]
+        split = len(flips)
+        if remaining - (per_page + split) < per_page:  # the next page would not fill its cells
+            split = remaining - per_page if remaining <= 2 * per_page else remaining - 2 * per_page
+        if split <= len(flips):
+            chosen = set(rng.sample(flips, split))
+        else:
+            others = [i for i in range(per_page) if i not in flips]
+            chosen = set(flips) | set(rng.sample(others, split - len(flips)))
+        page: list[Rect] = []
+        for i, cell in enumerate(cells):
+            page.extend(_side_by_side(cell, gutter) if i in chosen else [cell])
+        pages.append(page)
+        remaining -= len(page)
+    return pages
+
+
+def _grid_pages(panel_count: int, cells: list[Rect], box: Rect, rows: int, gutter: int,
+                aspect: float) -> list[list[Rect]]:
+    """Grid / strip: full pages are the rows x cols cells; a page with fewer panels fills the page with
+    fewer, larger panels. Of "full pages, then the rest" and "panels spread evenly over the pages", the
+    split whose worst panel needs the least cropping is used (full pages on a tie)."""
+    per_page = len(cells)
+    page_count = -(-panel_count // per_page)
+    full_first = [per_page] * (page_count - 1) + [panel_count - per_page * (page_count - 1)]
+    base, extra = divmod(panel_count, page_count)
+    balanced = [base + 1] * extra + [base] * (page_count - extra)
+    best = None
+    for counts in (full_first, balanced):
+        pages = [list(cells) if count == per_page else _fill(box, count, rows, gutter, aspect) for count in counts]
+        score = crop_factor([r for page in pages for r in page], aspect)
+        if best is None or score < best[0] - 1e-9:
+            best = (score, pages)
+    return best[1]
 
 
 def layout_pages(panel_count: int, layout: str, page_w: int, page_h: int, margin: int, gutter: int,
-                 rows: int, cols: int, seed: int = 0) -> list[list[Rect]]:
-    """Rectangles for `panel_count` panels: a list of pages, each a list of panel rects in reading order."""
+                 rows: int, cols: int, seed: int = 0, panel_aspect: float | None = None) -> list[list[Rect]]:
+    """Rectangles for `panel_count` panels: a list of pages, each a list of panel rects in reading order.
+
+    Every page is filled: the panel rectangles, the gutters between them and the margins cover the whole
+    page (a page with fewer panels than cells gets fewer, larger panels), so no page is left partly blank.
+    `panel_aspect` (w / h of the panel rectangle the images look best in; default: the grid cell's) picks,
+    among the ways to fill a page, the one that crops the images least.
+    """
     if panel_count < 1:
         raise ComicError("there are no panels to lay out")
     if layout not in LAYOUTS:
@@ -114,22 +207,10 @@ def layout_pages(panel_count: int, layout: str, page_w: int, page_h: int, margin
         rows = 1
     box = _content_box(page_w, page_h, margin)
     cells = _cells(box, rows, cols, gutter)
-    rng = random.Random(seed)
-    pages: list[list[Rect]] = []
-    remaining = panel_count
-    while remaining > 0:
-        page: list[Rect] = []
-        for cell in cells:
-            if remaining <= 0:
-                break
-            if layout == LAYOUT_CLASSIC and remaining >= 2 and rng.random() < 0.5:
-                page.extend(_stacked(cell, gutter))
-                remaining -= 2
-            else:
-                page.append(cell)
-                remaining -= 1
-        pages.append(page)
-    return pages
+    aspect = panel_aspect or cells[0].w / cells[0].h
+    if layout == LAYOUT_CLASSIC:
+        return _classic_pages(panel_count, cells, box, rows, gutter, aspect, random.Random(seed))
+    return _grid_pages(panel_count, cells, box, rows, gutter, aspect)
 
 
 def auto_page_height(page_w: int, margin: int, gutter: int, rows: int, cols: int, layout: str,
@@ -347,6 +428,25 @@ def fit_image(image: Image.Image, box: Rect) -> tuple[Image.Image, Rect]:
     return resized, Rect(box.x + (box.w - w) // 2, box.y + (box.h - h) // 2, w, h)
 
 
+def cover_image(image: Image.Image, box: Rect) -> Image.Image:
+    """The image scaled (aspect kept, never stretched) to cover all of box, centre-cropped to box's size.
+
+    Panels are drawn this way ("cover", not "fit"): a comic artist composes the picture to the panel
+    frame and lets the art run to the border. Fitting instead leaves empty bars inside the frames,
+    which reads as unfinished panels, makes frames of one page look different sizes and leaves page
+    area blank; it also narrows the caption box under a narrow picture. The layout keeps the crop small
+    by choosing panel shapes close to the images' aspect ratio (see `layout_pages`).
+    """
+    target = box.w / box.h
+    if image.width / image.height > target:  # wider than the panel: crop the sides
+        w = image.height * target
+        source = ((image.width - w) / 2, 0.0, (image.width + w) / 2, float(image.height))
+    else:  # taller: crop top and bottom
+        h = image.width / target
+        source = (0.0, (image.height - h) / 2, float(image.width), (image.height + h) / 2)
+    return image.resize((box.w, box.h), Image.Resampling.LANCZOS, box=source)
+
+
 def _caption_areas(rect: Rect, style: PageStyle, has_caption: bool) -> tuple[Rect, Rect | None]:
     """(picture area, caption box) of a panel rectangle."""
     if not has_caption:
@@ -360,14 +460,47 @@ def _caption_areas(rect: Rect, style: PageStyle, has_caption: bool) -> tuple[Rec
     return rect, box
 
 
-def draw_caption(page: Image.Image, box: Rect, text: str, fonts: FontSet, style: PageStyle) -> Typeset:
+def _caption_line_width(style: PageStyle) -> int:
+    return max(1, style.border // 2 + 1)
+
+
+def caption_text_area(box: Rect, style: PageStyle) -> tuple[int, int]:
+    """(width, height) available to the caption text inside a caption box (padding and outline removed)."""
+    pad, line_w = max(2, box.h // 10), _caption_line_width(style)
+    return box.w - 2 * (pad + line_w), box.h - 2 * (pad + line_w)
+
+
+def page_font_size(captions: list[tuple[str, Rect]], fonts: FontSet, style: PageStyle) -> int | None:
+    """One caption font size for a page: the largest size at which every caption fits its box.
+
+    `captions` are (text, caption box) pairs; None when there is none. Lettering in one size is what
+    a page looks like in print; sizing each caption on its own makes a short caption shout next to a
+    long one. When even the smallest size does not fit some caption, that caption is cut with '…'.
+    """
+    captions = [(text, box) for text, box in captions if text.strip()]
+    if not captions:
+        return None
+    size = style.max_font_size
+    for text, box in captions:
+        size = min(size, fit_text(text, fonts, *caption_text_area(box, style), size, style.min_font_size).size)
+    floor = max(1, min(style.min_font_size, style.max_font_size))
+    # the largest size that fits one caption is not always the largest that fits all (wrapping can jump)
+    while size > floor and any(fit_text(t, fonts, *caption_text_area(b, style), size, size).truncated
+                               for t, b in captions):
+        size -= 1
+    return size
+
+
+def draw_caption(page: Image.Image, box: Rect, text: str, fonts: FontSet, style: PageStyle,
+                 size: int | None = None) -> Typeset:
+    """Draw the caption box and its text, at `size` (the page's font size) or the largest that fits."""
     draw = ImageDraw.Draw(page)
-    line_w = max(1, style.border // 2 + 1)
+    line_w = _caption_line_width(style)
     draw.rectangle([box.x, box.y, box.right - 1, box.bottom - 1], fill=style.caption_fill,
                    outline=style.border_colour, width=line_w)
-    pad = max(2, box.h // 10)
-    inner_w, inner_h = box.w - 2 * (pad + line_w), box.h - 2 * (pad + line_w)
-    typeset = fit_text(text, fonts, inner_w, inner_h, style.max_font_size, style.min_font_size)
+    inner_w, inner_h = caption_text_area(box, style)
+    largest, smallest = (style.max_font_size, style.min_font_size) if size is None else (size, size)
+    typeset = fit_text(text, fonts, inner_w, inner_h, largest, smallest)
     ascent, line_h = fonts.line_metrics(typeset.size)
     y = box.y + (box.h - line_h * len(typeset.lines)) / 2 + ascent
     for line in typeset.lines:
@@ -377,30 +510,46 @@ def draw_caption(page: Image.Image, box: Rect, text: str, fonts: FontSet, style:
     return typeset
 
 
-def render_pages(images: list[Image.Image], captions: list[str], pages: list[list[Rect]], style: PageStyle,
-                 fonts: FontSet | None = None) -> list[Image.Image]:
-    """Draw every panel (and its caption) into its rectangle; returns one RGB image per page."""
+def caption_sizes(captions: list[str], pages: list[list[Rect]], style: PageStyle,
+                  fonts: FontSet | None = None) -> list[int | None]:
+    """The caption font size of every page (None for a page without captions), as render_pages uses it."""
     fonts = fonts or FontSet()
+    sizes, index = [], 0
+    for rects in pages:
+        boxed = []
+        for rect in rects:
+            caption = captions[index].strip() if index < len(captions) else ""
+            boxed.append((caption, _caption_areas(rect, style, bool(caption))[1]))
+            index += 1
+        sizes.append(page_font_size(boxed, fonts, style))
+    return sizes
+
+
+def render_pages(images: list[Image.Image], captions: list[str], pages: list[list[Rect]], style: PageStyle,
+                 fonts: FontSet | None = None, progress=None) -> list[Image.Image]:
+    """Draw every panel (and its caption) into its rectangle; returns one RGB image per page.
+
+    Pictures fill their panels (`cover_image`); all captions of a page share one font size
+    (`page_font_size`). `progress(done, total)` is called after each page.
+    """
+    fonts = fonts or FontSet()
+    sizes = caption_sizes(captions, pages, style, fonts)
     out = []
     index = 0
-    for rects in pages:
+    for rects, size in zip(pages, sizes):
         page = Image.new("RGB", (style.page_w, style.page_h), style.background)
         draw = ImageDraw.Draw(page)
         for rect in rects:
             caption = captions[index].strip() if index < len(captions) else ""
             picture_area, caption_box = _caption_areas(rect, style, bool(caption))
-            picture, where = fit_image(images[index].convert("RGB"), picture_area)
-            if caption_box is not None and style.caption_position == CAPTION_BELOW:
-                # keep picture and caption together, the box as wide as the picture, centred in the cell
-                top = rect.y + (rect.h - where.h - caption_box.h) // 2
-                where = Rect(where.x, top, where.w, where.h)
-                caption_box = Rect(where.x, where.bottom, where.w, caption_box.h)
-            page.paste(picture, (where.x, where.y))
-            if style.border > 0:
-                draw.rectangle([where.x, where.y, where.right - 1, where.bottom - 1],
-                               outline=style.border_colour, width=min(style.border, where.w // 4, where.h // 4) or 1)
+            page.paste(cover_image(images[index].convert("RGB"), picture_area), (picture_area.x, picture_area.y))
             if caption_box is not None:
-                draw_caption(page, caption_box, caption, fonts, style)
+                draw_caption(page, caption_box, caption, fonts, style, size)
+            if style.border > 0:
+                draw.rectangle([rect.x, rect.y, rect.right - 1, rect.bottom - 1], outline=style.border_colour,
+                               width=min(style.border, rect.w // 4, rect.h // 4) or 1)
             index += 1
         out.append(page)
+        if progress is not None:
+            progress(len(out), len(pages))
     return out

@@ -44,18 +44,68 @@ def test_layout_geometry(comic, layout, n, rows, cols, margin, gutter):
     per_page = cols if layout == "horizontal strip" else rows * cols
     if layout != "classic comic":
         assert len(pages) == -(-n // per_page)
-        assert all(len(p) == per_page for p in pages[:-1])
+        assert all(len(p) <= per_page for p in pages)
     else:
         assert all(len(p) <= 2 * per_page for p in pages)
+        assert all(len(p) >= per_page for p in pages) or len(pages) == 1  # no half-empty last page
 
 
-def test_classic_mixes_single_and_stacked_panels_by_seed(comic):
+def test_classic_mixes_single_and_paired_panels_by_seed(comic):
     layouts = {seed: comic.layout_pages(24, "classic comic", 1200, 1600, 20, 10, 3, 2, seed=seed) for seed in range(6)}
     assert layouts[0] == comic.layout_pages(24, "classic comic", 1200, 1600, 20, 10, 3, 2, seed=0)
     assert len({str(v) for v in layouts.values()}) > 1  # the seed changes the mix
-    heights = {r.h for pages in layouts.values() for page in pages for r in page}
+    widths = {r.w for pages in layouts.values() for page in pages for r in page}
+    cell_w = (1200 - 40 - 10) / 2
+    assert any(w > cell_w * 0.9 for w in widths) and any(w < cell_w * 0.55 for w in widths)
     cell_h = (1600 - 40 - 2 * 10) / 3
-    assert any(h > cell_h * 0.9 for h in heights) and any(h < cell_h * 0.55 for h in heights)
+    assert all(abs(r.h - cell_h) <= 1 for pages in layouts.values() for page in pages for r in page)
+
+
+# Coverage: the share of the inner page (inside the margins) that panels or the gutters between them
+# cover. Each panel is grown by half a gutter (+1 px for rounding) so that a gutter between two panels
+# counts as covered and an empty cell does not.
+MIN_COVERAGE = 0.95
+
+
+def coverage(page, page_w, page_h, margin, gutter):
+    inner = np.zeros((page_h - 2 * margin, page_w - 2 * margin), dtype=bool)
+    grow = gutter // 2 + 1
+    for r in page:
+        inner[max(0, r.y - margin - grow):r.bottom - margin + grow, max(0, r.x - margin - grow):r.right - margin + grow] = True
+    return inner.mean()
+
+
+@pytest.mark.parametrize("layout", ["classic comic", "grid", "horizontal strip"])
+@pytest.mark.parametrize("rows,cols", [(2, 2), (3, 2), (2, 3), (1, 4)])
+@pytest.mark.parametrize("n", range(1, 13))
+def test_every_page_is_filled(comic, layout, rows, cols, n):
+    """The 4-panel classic page that left half of the page blank, and every other short story: no page
+    of 1-12 panels leaves part of the page empty."""
+    page_w, margin, gutter = 1000, 20, 10
+    for seed in range(4):
+        page_h = comic.auto_page_height(page_w, margin, gutter, rows, cols, layout, 4 / 3, 0.18)
+        pages = comic.layout_pages(n, layout, page_w, page_h, margin, gutter, rows, cols, seed=seed)
+        check_geometry(comic, pages, n, page_w, page_h, margin, gutter)
+        for page in pages:
+            assert coverage(page, page_w, page_h, margin, gutter) >= MIN_COVERAGE, (seed, page)
+
+
+def test_four_panel_classic_page_is_a_full_grid(comic):
+    for seed in range(20):
+        (page,) = comic.layout_pages(4, "classic comic", 1000, 800, 20, 10, 2, 2, seed=seed)
+        assert len({(r.w, r.h) for r in page}) <= 2 and min(r.w for r in page) > 450  # four cells, none split
+
+
+def test_short_pages_pick_the_least_cropping_shape(comic):
+    """A page with fewer panels than cells gets fewer, larger panels, shaped close to the images."""
+    (page,) = comic.layout_pages(1, "grid", 1000, 800, 0, 0, 2, 2)
+    assert page == [comic.Rect(0, 0, 1000, 800)]
+    (page,) = comic.layout_pages(2, "grid", 1000, 800, 0, 0, 2, 2, panel_aspect=0.6)  # tall images: side by side
+    assert [(r.w, r.h) for r in page] == [(500, 800), (500, 800)]
+    (page,) = comic.layout_pages(2, "grid", 1000, 800, 0, 0, 2, 2, panel_aspect=2.5)  # wide images: one above the other
+    assert [(r.w, r.h) for r in page] == [(1000, 400), (1000, 400)]
+    pages = comic.layout_pages(4, "horizontal strip", 900, 300, 0, 0, 1, 3)  # 2 + 2, not 3 + 1
+    assert [len(p) for p in pages] == [2, 2]
 
 
 def test_impossible_pages_are_refused(comic):
@@ -79,6 +129,18 @@ def test_fit_image_keeps_aspect_and_centres(comic):
     assert resized.size == (100, 50) and (where.x, where.y, where.w, where.h) == (10, 35, 100, 50)
     resized, where = comic.fit_image(image, comic.Rect(0, 0, 400, 100))
     assert resized.size == (200, 100) and where.x == 100
+
+
+def test_cover_image_fills_the_panel_and_centre_crops(comic):
+    """Left third red, middle green, right third blue: a square panel keeps the centre, unstretched."""
+    image = Image.new("RGB", (300, 100), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 100, 100))
+    image.paste((0, 0, 255), (200, 0, 300, 100))
+    out = np.asarray(comic.cover_image(image, comic.Rect(0, 0, 50, 50)))
+    assert out.shape == (50, 50, 3)
+    assert (np.abs(out.astype(int) - (0, 255, 0)).max(axis=-1) < 8).mean() > 0.95  # only the green middle
+    tall = np.asarray(comic.cover_image(Image.new("RGB", (100, 300), (9, 9, 9)), comic.Rect(0, 0, 80, 40)))
+    assert tall.shape == (40, 80, 3)
 
 
 def glyph_pixels(fonts, text, size=32):
@@ -140,18 +202,57 @@ def test_render_places_every_panel_with_captions(comic, fonts):
         assert (array[:10, :] == 250).all() and (array[:, :10] == 250).all()  # margins stay background
         for rect in rects:
             picture, box = comic._caption_areas(rect, style, bool(captions[index]))
-            _, where = comic.fit_image(pil[index], picture)
-            if box is not None:  # below-panel captions: picture + box centred together, box as wide as the picture
-                top = rect.y + (rect.h - where.h - box.h) // 2
-                where = comic.Rect(where.x, top, where.w, where.h)
-                box = comic.Rect(where.x, where.bottom, where.w, box.h)
-                assert rect.y <= where.y and box.bottom <= rect.bottom
-            centre = array[where.y + where.h // 2, where.x + where.w // 2]
-            assert tuple(centre) == colours[index]  # the right panel is in the right place
-            if box is not None:
-                inside = array[box.y + 3:box.bottom - 3, box.x + 3:box.right - 3]
-                assert (inside < 100).all(axis=-1).sum() > 20  # dark caption text pixels in the box
+            # the picture fills its area: inside the border, every pixel is the panel's colour
+            inside = array[picture.y + 3:picture.bottom - 3, picture.x + 3:picture.right - 3]
+            assert (np.abs(inside.astype(int) - colours[index]).max(axis=-1) <= 2).all()
+            if box is not None:  # below-panel captions: the box spans the panel under the picture
+                assert (box.x, box.w, box.bottom) == (rect.x, rect.w, rect.bottom) and box.y == picture.bottom
+                text = array[box.y + 3:box.bottom - 3, box.x + 3:box.right - 3]
+                assert (text < 100).all(axis=-1).sum() > 20  # dark caption text pixels in the box
             index += 1
+
+
+class SizeRecorder:
+    """Wraps a FontSet and records the font size of every caption line drawn, per page image."""
+
+    def __init__(self, fonts):
+        self.fonts, self.sizes = fonts, {}
+
+    def __getattr__(self, name):
+        return getattr(self.fonts, name)
+
+    def draw(self, draw, xy, text, size, fill):
+        self.sizes.setdefault(id(draw._image), set()).add(size)
+        return self.fonts.draw(draw, xy, text, size, fill)
+
+
+CAPTIONS = ["Hi.", "A much longer caption that has to wrap over several lines in its box", "第三", "Four",
+            "Five: a medium caption", "Six", "Seven", "Eight"]
+
+
+@pytest.mark.parametrize("layout,seed", [("classic comic", s) for s in range(4)] + [("grid", 0), ("horizontal strip", 0)])
+@pytest.mark.parametrize("position", ["below panel", "over panel"])
+def test_one_caption_font_size_per_page(comic, fonts, layout, seed, position):
+    """Every caption of a page is drawn in one size: the largest at which all of them fit their boxes."""
+    images, _ = panel_batch(len(CAPTIONS))
+    pil = [Image.fromarray((im.numpy() * 255).round().astype(np.uint8)) for im in images]
+    style = comic.PageStyle(page_w=800, page_h=620, caption_position=position, max_font_size=40)
+    pages = comic.layout_pages(len(CAPTIONS), layout, 800, 620, 16, 8, 2, 2, seed=seed)
+    recorder = SizeRecorder(fonts)
+    rendered = comic.render_pages(pil, CAPTIONS, pages, style, recorder)
+    expected = comic.caption_sizes(CAPTIONS, pages, style, fonts) if hasattr(comic, "caption_sizes") else [0] * len(pages)
+    index = 0
+    for page, rects, size in zip(rendered, pages, expected):
+        assert len(recorder.sizes[id(page)]) == 1, recorder.sizes[id(page)]  # exactly one size on the page
+        assert recorder.sizes[id(page)] == {size}  # the one caption_sizes reports
+        boxes = [comic._caption_areas(r, style, True)[1] for r in rects]
+        texts = CAPTIONS[index:index + len(rects)]
+        index += len(rects)
+        typeset = [comic.fit_text(t, fonts, *comic.caption_text_area(b, style), size, size) for t, b in zip(texts, boxes)]
+        assert not any(t.truncated for t in typeset)  # every caption fits at that size ...
+        if size < style.max_font_size:  # ... and one of them not at the next size up
+            assert any(comic.fit_text(t, fonts, *comic.caption_text_area(b, style), size + 1, size + 1).truncated
+                       for t, b in zip(texts, boxes))
 
 
 def run_node(comfy_nodes, images, captions, **overrides):
@@ -176,6 +277,20 @@ def test_comic_node_pages_and_determinism(comfy_nodes):
     no_captions = run_node(comfy_nodes, images, "", layout="grid")
     captioned = run_node(comfy_nodes, images, captions, layout="grid")
     assert no_captions.shape[1] < captioned.shape[1]  # auto height leaves room for caption boxes only if needed
+
+
+def test_comic_node_four_panel_classic_page_fills_the_page(comfy_nodes):
+    """The reported page: 4 panels, classic comic, automatic height. Only margins and gutters show the
+    page background; the pictures and caption boxes cover the rest."""
+    images, _ = panel_batch(4, h=64, w=64)
+    captions = "Hi.\nA much longer caption that needs several lines of text to fit\nThree\nFour"
+    for seed in range(6):
+        (page,) = run_node(comfy_nodes, images, captions, background="#ff00ff", layout_seed=seed)
+        array = (page.numpy() * 255).round().astype(int)
+        inner = array[16:-16, 16:-16]
+        magenta = (np.abs(inner - (255, 0, 255)).max(axis=-1) <= 2).mean()
+        gutters = 8 * (inner.shape[0] + inner.shape[1]) / (inner.shape[0] * inner.shape[1])
+        assert magenta <= gutters + 0.01, (seed, magenta)
 
 
 def test_comic_node_rejects_mismatched_captions_and_colours(comfy_nodes):
