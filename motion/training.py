@@ -267,6 +267,8 @@ def _train(videos, encoder, out, options, encoder_tag, cache_dir, resume, stop_a
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         log(f"resuming from step {step}")
+        if progress is not None:  # the bar starts where the run resumes (at the end if it had finished)
+            progress(step, options.steps, float("nan"))
 
     val_clips = sample_clips(val_seqs, options.frames, options.val_clips,
                              torch.Generator().manual_seed(options.seed + 7919), options.min_stride, options.max_stride)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ..common.sockets import CATEGORY
-from ..story import comic
+from ..story import comfy_adapter, comic
 
 
 def split_captions(text: str, panel_count: int) -> list[str]:
@@ -114,7 +114,8 @@ class StoryDiffusionComicPage:
             caption_position=caption_position, caption_fraction=caption_height, max_font_size=max_font_size)
         pages = comic.layout_pages(len(panels), layout, page_width, page_height, margin, gutter, rows, columns,
                                    seed=layout_seed, panel_aspect=aspect * (1.0 - fraction))
-        rendered = comic.render_pages(panels, caption_list, pages, style)
+        rendered = comic.render_pages(panels, caption_list, pages, style,
+                                      progress=comfy_adapter.progress_bar(len(pages)))
         return (images_to_tensor(rendered),)
 
     @staticmethod

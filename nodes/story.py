@@ -75,7 +75,8 @@ class StoryDiffusionStory:
         styled = tuple(dataclasses.replace(p, prompt=apply_style(style, p.prompt)) for p in story.panels)
         story = dataclasses.replace(story, panels=styled)
         prompts = [p.prompt for p in styled]
-        positive = comfy_adapter.encode_panels(clip, prompts, lines=[p.line for p in styled])
+        positive = comfy_adapter.encode_panels(clip, prompts, lines=[p.line for p in styled],
+                                               progress=comfy_adapter.progress_bar(len(prompts)))
         negative_cond = comfy_adapter.repeat_conditioning(
             comfy_adapter.encode_prompt(clip, style_negative(style, negative)), len(prompts))
         captions = "\n".join(p.caption for p in styled)

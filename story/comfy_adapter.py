@@ -95,14 +95,27 @@ def repeat_conditioning(conditioning: list, batch: int) -> list:
     return out
 
 
-def encode_panels(clip, prompts: list[str], lines: list[int] | None = None) -> list:
-    """Prompts -> batched CONDITIONING; identical prompts are encoded once."""
+def progress_bar(total: int):
+    """A plain `progress(done, total)` callback that moves ComfyUI's progress bar of the running node
+    (the core modules take such a callback and never import ComfyUI)."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, total_now=total: bar.update_absolute(done, total_now)
+
+
+def encode_panels(clip, prompts: list[str], lines: list[int] | None = None, progress=None) -> list:
+    """Prompts -> batched CONDITIONING; identical prompts are encoded once.
+
+    `progress(done, total)`, if given, is called after each panel (e.g. `progress_bar(len(prompts))`)."""
     cache: dict[str, list] = {}
     per_panel = []
-    for prompt in prompts:
+    for done, prompt in enumerate(prompts, 1):
         if prompt not in cache:
             cache[prompt] = encode_prompt(clip, prompt)
         per_panel.append(cache[prompt])
+        if progress is not None:
+            progress(done, len(prompts))
     return batch_conditioning(per_panel, lines)
 
 
