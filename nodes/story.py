@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from ..common.sockets import CATEGORY, PANELS_TYPE, STORY_TYPE
 from ..story import comfy_adapter
@@ -18,6 +19,8 @@ EXAMPLE_PANELS = (
     "[Leo] smiles and waves goodbye # See you tomorrow."
 )
 
+log = logging.getLogger(__name__)
+
 
 class StoryDiffusionStory:
     DESCRIPTION = (
@@ -30,6 +33,12 @@ class StoryDiffusionStory:
     )
     CATEGORY = f"{CATEGORY}/story"
     FUNCTION = "build"
+    # Whole-batch Consistent Self-Attention samples every panel in one latent batch, so activation memory
+    # grows with the panel count; past this many panels the identity-bank route is the one to use.
+    BANK_ROUTE_PANELS = 8
+    BANK_ROUTE_ADVICE = (
+        f"for more than {BANK_ROUTE_PANELS} panels, sample the identity panels with Identity Bank Write and "
+        f"the rest with Identity Bank Read (see the story_characters workflow)")
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "STRING", STORY_TYPE, "INT")
     RETURN_NAMES = ("positive", "negative", "captions", "story", "panel_count")
     OUTPUT_TOOLTIPS = (
@@ -54,7 +63,9 @@ class StoryDiffusionStory:
                     "multiline": True, "default": EXAMPLE_PANELS,
                     "tooltip": "One panel per line. '[Name]' is replaced by the character's description; "
                                "'[NC]' = no character; 'what is drawn # caption' adds a caption. "
-                               "Prompt weighting like (word:1.2) works as in CLIP Text Encode; \\[ \\] are literal brackets."}),
+                               "Prompt weighting like (word:1.2) works as in CLIP Text Encode; \\[ \\] are literal brackets. "
+                               "Sampled as one latent batch, every panel adds to the sampler's memory: "
+                               + cls.BANK_ROUTE_ADVICE + "."}),
                 "style": (list(STYLE_NAMES), {
                     "default": NO_STYLE,
                     "tooltip": "Style preset: wraps every panel prompt in a style template and adds the style's "
@@ -75,6 +86,10 @@ class StoryDiffusionStory:
         styled = tuple(dataclasses.replace(p, prompt=apply_style(style, p.prompt)) for p in story.panels)
         story = dataclasses.replace(story, panels=styled)
         prompts = [p.prompt for p in styled]
+        if len(prompts) > self.BANK_ROUTE_PANELS:
+            log.warning("StoryDiffusion Story: %d panels. Sampled together, whole-batch Consistent Self-Attention "
+                        "keeps every panel in one latent batch, so the sampler's memory grows with the panel "
+                        "count; %s.", len(prompts), self.BANK_ROUTE_ADVICE)
         positive = comfy_adapter.encode_panels(clip, prompts, lines=[p.line for p in styled],
                                                progress=comfy_adapter.progress_bar(len(prompts)))
         negative_cond = comfy_adapter.repeat_conditioning(

@@ -145,3 +145,17 @@ def test_select_panels_picks_story_rows(comfy_nodes, story_node, clips, family):
         select.select(positive, negative, story, "panel range", 5, 0)
     with pytest.raises(ValueError, match="panels 3-5 were asked for but the story has 5 panels"):
         select.select(positive, negative, story, "panel range", 3, 3)
+
+
+@pytest.mark.parametrize("count,warns", [(8, False), (9, True), (12, True)])
+def test_long_stories_point_to_the_identity_bank(story_node, clips, caplog, count, warns):
+    """Whole-batch CSA keeps every panel in one latent batch: above 8 panels the node says to use the bank."""
+    panels = "\n".join(f"[Mia] panel {i}" for i in range(count))
+    with caplog.at_level("WARNING"):
+        *_, panel_count = story_node.build(clips["sd15"], "[Mia] a girl", panels, "(No style)", "", 2)
+    assert panel_count == count
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    advice = "Identity Bank Write and the rest with Identity Bank Read (see the story_characters workflow)"
+    assert [w for w in warnings if advice in w and f"{count} panels" in w] == ([warnings[0]] if warns else [])
+    tooltip = type(story_node).INPUT_TYPES()["required"]["panels"][1]["tooltip"]
+    assert "for more than 8 panels, sample the identity panels with " + advice in tooltip
