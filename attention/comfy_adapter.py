@@ -5,6 +5,11 @@ its UNet. ComfyUI hands the replace q/k/v already projected, for all rows of one
 (chunks of B panels, in the order of `cond_or_uncond`); the replace maps rows to story panels,
 samples tokens, and calls attention/core.py with ComfyUI's own attention kernel.
 
+DiT models (Flux.1, Chroma) have no attn1 patches: `patch_model` installs an
+`optimized_attention_override` instead (chained to the one the MODEL had) plus a DIFFUSION_MODEL
+wrapper that records, per model call, how many text and image tokens the joint attention sees; the
+override calls attention/dit.py for the blocks the config selects (see "DiT models" below).
+
 What lives where:
 - `CSAConfig` (immutable, in transformer_options[CONFIG_KEY]): the node's settings, the story, the
   bank and its mode. Shared, never copied, by ModelPatcher.clone().
@@ -24,7 +29,7 @@ import torch
 
 from ..common import comfy_adapter as glue
 from ..common.errors import StoryDiffusionError
-from . import core
+from . import core, dit
 from .bank import BankError, IdentityBank, looks_like_bank_file
 from .schedule import Schedule, layer_ordinal, select_layers, step_index
 
@@ -56,9 +61,7 @@ def unet_layers(model_patcher) -> tuple[list, set, dict]:
 
     unet = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
     if not isinstance(unet, UNetModel):
-        name = type(unet).__name__ if unet is not None else type(model_patcher).__name__
-        raise PatchError(f"Consistent Self-Attention works on UNet models (SD1.5, SD2, SDXL); this MODEL is a "
-                         f"{name}, whose attention ComfyUI does not route through attn1 patches. Load an SD1.5/SD2/SDXL checkpoint.")
+        raise unsupported_model_error(unet if unet is not None else model_patcher)
     layers, depth_of, modules = [], {}, {}
 
     def visit(kind, block_id, module, depth):
@@ -106,6 +109,7 @@ class CSAConfig:
     first_panel: int = 0  # story panel of the first latent row (read)
     read_rows: Optional[tuple] = None  # story panel of every latent row (read), e.g. panels 2 and 5
     attn1: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> attn1 module
+    family: str = "UNet"  # "UNet", or the DiT family the override serves (see DIT_FAMILIES)
 
     def __deepcopy__(self, memo):
         return self
@@ -366,27 +370,186 @@ class LayerReplace:
 
 
 # ---------------------------------------------------------------------------------------------------
+# DiT models: the attention override and the token layout of a model call
+
+OVERRIDE_SLOT = "optimized_attention_override"  # ComfyUI's one override slot (wrap_attn, 0.3.60+)
+TOKENS_KEY = "storydiffusion_csa_tokens"  # per model call: (text tokens, image tokens) of the joint attention
+
+
+@dataclass(frozen=True)
+class DiTFamily:
+    """A DiT family whose joint attention the override understands.
+
+    options_position: where the model's `_forward` takes transformer_options among its positional args
+    (the DIFFUSION_MODEL wrapper sees them so). Default blocks: the later half of the network — the
+    double-stream blocks from the middle of the stack on, and every single-stream block — the DiT
+    counterpart of the UNet's output blocks, where the official code shares; a starting point, not tuned
+    on real weights (use "all blocks" or a custom list such as "double 10-18, single 0-37")."""
+    name: str
+    options_position: int
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def blocks(self, model) -> list:
+        return ([("double", i, 0) for i in range(len(model.double_blocks))]
+                + [("single", i, 0) for i in range(len(model.single_blocks))])
+
+    def default_blocks(self, model) -> list:
+        first_double = (len(model.double_blocks) + 1) // 2  # Flux.1: 19 double blocks -> 10-18
+        return [key for key in self.blocks(model) if key[0] == "single" or key[1] >= first_double]
+
+
+FLUX1 = DiTFamily("Flux.1", options_position=7)  # Flux._forward(x, t, context, y, guidance, ref_latents, control, options)
+CHROMA = DiTFamily("Chroma", options_position=5)  # Chroma._forward(x, t, context, guidance, control, options)
+SUPPORTED_FAMILIES = "UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext) and Chroma"
+
+# diffusion-model modules of DiTs we know but do not support yet -> the name users know them by
+_KNOWN_DITS = {
+    "comfy.ldm.flux": "Flux.2", "comfy.ldm.chroma_radiance": "Chroma Radiance", "comfy.ldm.mmdit": "SD3 / SD3.5",
+    "comfy.ldm.modules.diffusionmodules.mmdit": "SD3 / SD3.5", "comfy.ldm.qwen_image": "Qwen-Image",
+    "comfy.ldm.lumina": "Lumina 2 / Z-Image", "comfy.ldm.hidream": "HiDream", "comfy.ldm.aura": "AuraFlow",
+    "comfy.ldm.pixart": "PixArt", "comfy.ldm.hunyuan_dit": "Hunyuan-DiT",
+    "comfy.ldm.wan": "Wan (video)", "comfy.ldm.hunyuan_video": "Hunyuan Video (video)",
+    "comfy.ldm.lightricks": "LTX-Video (video)", "comfy.ldm.cosmos": "Cosmos (video)",
+    "comfy.ldm.genmo": "Mochi (video)", "comfy.ldm.hunyuan3d": "Hunyuan3D", "comfy.ldm.ace": "ACE-Step (audio)",
+}
+
+
+def unsupported_model_error(model) -> PatchError:
+    """The error for a MODEL that is neither a UNet nor a supported DiT: it names what works."""
+    module = type(model).__module__
+    known = next((name for prefix, name in _KNOWN_DITS.items() if module == prefix or module.startswith(prefix + ".")), None)
+    if known is not None:
+        return PatchError(f"Consistent Self-Attention does not support {known} models yet; it works on {SUPPORTED_FAMILIES}. "
+                          f"Load one of those.")
+    return PatchError(f"Consistent Self-Attention works on {SUPPORTED_FAMILIES}; this MODEL is a {type(model).__name__}, "
+                      f"whose attention this pack cannot reach. Load one of those.")
+
+
+def dit_family(model_patcher) -> Optional[DiTFamily]:
+    """The supported DiT family of a MODEL, or None for anything else (a UNet, or unsupported)."""
+    model = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    if model is None:
+        return None
+    import comfy.ldm.chroma.model
+    import comfy.ldm.flux.model
+
+    if type(model) is comfy.ldm.flux.model.Flux and len(model.params.axes_dim) == 3:  # Flux.2 has 4 position axes
+        return FLUX1
+    if type(model) is comfy.ldm.chroma.model.Chroma:  # not Chroma Radiance (pixel space, other token layout)
+        return CHROMA
+    return None
+
+
+class DiTTokenLayout:
+    """DIFFUSION_MODEL wrapper: records the text and image token counts of this model call in (a copy of)
+    its transformer_options, where the override reads them. Image tokens = the latent's patches
+    (padded to the patch size, as the model does); tokens after them (Kontext reference images) are not
+    panel tokens and are never shared."""
+
+    def __init__(self, family: DiTFamily):
+        self.family = family
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        position = self.family.options_position
+        in_kwargs = "transformer_options" in kwargs
+        options = kwargs.get("transformer_options") if in_kwargs else (args[position] if len(args) > position else None)
+        if not isinstance(options, dict) or options.get(CONFIG_KEY) is None:
+            return executor(*args, **kwargs)
+        x = args[0]
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        patch = int(getattr(executor.class_obj, "patch_size", 2))
+        h, w = x.shape[-2:]
+        image = ((h + patch // 2) // patch) * ((w + patch // 2) // patch)
+        options = dict(options)
+        options[TOKENS_KEY] = (int(context.shape[1]), int(image))
+        if in_kwargs:
+            kwargs = dict(kwargs, transformer_options=options)
+        else:
+            args = args[:position] + (options,) + args[position + 1:]
+        return executor(*args, **kwargs)
+
+
+class DiTAttentionOverride:
+    """transformer_options["optimized_attention_override"]: CSA on the selected DiT blocks, plain attention
+    elsewhere. `inner` is the override the MODEL had before (another pack's attention backend): every
+    attention we run goes through it, so it is never dropped."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def attend(self, func, *args, **kwargs):
+        if self.inner is not None:
+            return self.inner(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        config: Optional[CSAConfig] = options.get(CONFIG_KEY)
+        run: Optional[RunState] = options.get(RUN_KEY)
+        layout = options.get(TOKENS_KEY)
+        block_type, block_index = options.get("block_type"), options.get("block_index")
+        if (config is None or run is None or layout is None or block_type is None or block_index is None or args
+                or not kwargs.get("skip_reshape", False) or q.ndim != 4 or k.shape[2] != q.shape[2]):
+            return self.attend(func, q, k, v, heads, *args, **kwargs)  # not a joint attention of a sampled panel batch
+        layer = (str(block_type), int(block_index), 0)
+        if layer not in config.layers:
+            return self.attend(func, q, k, v, heads, **kwargs)
+        kinds = list(options.get("cond_or_uncond") or [0])
+        chunks = len(kinds)
+        batch = q.shape[0] // chunks
+        if batch * chunks != q.shape[0] or batch != len(run.rows):
+            raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
+                             f"{len(run.rows)} panels (another node changed the batch?)")
+        text, image = layout
+        if text + image > k.shape[2]:
+            raise PatchError(f"StoryDiffusion: a {config.family} block attends over {k.shape[2]} tokens, fewer than the "
+                             f"{text} text + {image} image tokens of the model call (another patch changed the tokens?)")
+        sigma = float(options["sigmas"].flatten()[0])
+        step = run.step_of(sigma)
+        if not config.schedule.active(step, sigma, layer):
+            return self.attend(func, q, k, v, heads, **kwargs)
+        sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), run.rows)
+        if sampled.shape[1] == 0 or not bool(run.share.any()):
+            return self.attend(func, q, k, v, heads, **kwargs)
+
+        def kernel(qq, kk, vv, mask):
+            return self.attend(func, qq, kk, vv, heads, **dict(kwargs, mask=mask))
+
+        return dit.joint_consistent_attention(q, k, v, chunks=chunks, text_tokens=text, image_tokens=image,
+                                              share=run.share, sampled=sampled, window=config.window,
+                                              mask=kwargs.get("mask"), attention=kernel)
+
+
+def _patch_dit(model, family: DiTFamily):
+    """A clone of a DiT MODEL with the override (chained to the one it had) and the token-layout wrapper."""
+    import comfy.patcher_extension
+
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous = options.get(OVERRIDE_SLOT)
+    if isinstance(previous, DiTAttentionOverride):  # patching an already patched model: replace ours, keep theirs
+        previous = previous.inner
+    options[OVERRIDE_SLOT] = DiTAttentionOverride(previous)
+    wrappers = comfy.patcher_extension.WrappersMP
+    patched.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, DiTTokenLayout(family))
+    return patched
+
+
+# ---------------------------------------------------------------------------------------------------
 # public entry points used by the nodes
 
 
-def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_choice: str, custom_layers: str,
-                start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None):
-    """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched)."""
-    import comfy.patcher_extension
-
-    available, high_res, attn1 = unet_layers(model)
-    sigmas = glue.sigma_window(model, start_percent, end_percent)
-    layers = select_layers(available, layer_choice, custom_layers)
-    schedule = Schedule(window=sigmas, official=official_schedule, seed=int(seed))
-    panel_characters = identity_rows = None
-    if story is not None:
-        panel_characters = tuple(tuple(p.characters) for p in story.panels)
-        ids = sorted({int(i) for panels in (story.identity_panels or {}).values() for i in panels})
-        identity_rows = tuple(ids) or None
-    config = CSAConfig(rate=float(rate), rate_high_res=float(rate_high_res), window=int(window), seed=int(seed),
-                       schedule=schedule, layers=tuple(layers), high_res_layers=frozenset(high_res),
-                       panel_characters=panel_characters, identity_rows=identity_rows,
-                       attn1={layer: attn1[layer] for layer in layers})
+def _patch_unet(model, layers, high_res):
+    """A clone of a UNet MODEL with an attn1 replace on each selected layer (keeping any replace it had)."""
     patched = model.clone()
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for layer in layers:
@@ -394,6 +557,40 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
         if isinstance(inner, LayerReplace):  # patching an already patched model: replace ours, keep theirs
             inner = inner.inner
         patched.set_model_attn1_replace(LayerReplace(layer, layer in high_res, inner), *layer)
+    return patched
+
+
+def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_choice: str, custom_layers: str,
+                start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None):
+    """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched).
+
+    UNets: attn1 replaces. DiTs (Flux.1, Chroma): the attention override; `rate_high_res` does not
+    apply (one rate for every block) and the "official" layer choice means the family's default blocks."""
+    import comfy.patcher_extension
+
+    family = dit_family(model)
+    if family is not None:
+        diffusion_model = model.model.diffusion_model
+        available, high_res, attn1 = family.blocks(diffusion_model), set(), {}
+        official = family.default_blocks(diffusion_model)
+    else:
+        available, high_res, attn1 = unet_layers(model)
+        official = None
+    sigmas = glue.sigma_window(model, start_percent, end_percent)
+    layers = select_layers(available, layer_choice, custom_layers, official=official)
+    schedule = Schedule(window=sigmas, official=official_schedule, seed=int(seed))
+    panel_characters = identity_rows = None
+    if story is not None:
+        panel_characters = tuple(tuple(p.characters) for p in story.panels)
+        ids = sorted({int(i) for panels in (story.identity_panels or {}).values() for i in panels})
+        identity_rows = tuple(ids) or None
+    config = CSAConfig(rate=float(rate), rate_high_res=float(rate_high_res if family is None else rate),
+                       window=int(window), seed=int(seed),
+                       schedule=schedule, layers=tuple(layers), high_res_layers=frozenset(high_res),
+                       panel_characters=panel_characters, identity_rows=identity_rows,
+                       attn1={layer: attn1[layer] for layer in layers if layer in attn1},
+                       family=family.name if family is not None else "UNet")
+    patched = _patch_dit(model, family) if family is not None else _patch_unet(model, layers, high_res)
     patched.model_options["transformer_options"][CONFIG_KEY] = config
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
@@ -416,6 +613,10 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=N
     rows: the story panel of every latent row of a read run (e.g. (2, 5) from Select Story Panels);
     default: consecutive panels from first_panel."""
     config = config_of(model)
+    if config.family != "UNet":
+        raise PatchError(f"the identity bank works on UNet models (SD1.5, SD2, SDXL) only for now; this MODEL is "
+                         f"patched for {config.family}: sample all panels in one batch with 'Consistent Self-Attention' "
+                         f"(window_size bounds the memory of long stories)")
     story_len = None if config.panel_characters is None else len(config.panel_characters)
     if mode == MODE_READ and story_len is not None and first_panel >= story_len:
         raise PatchError(f"first_panel {first_panel} is past the end of the story ({story_len} panels)")

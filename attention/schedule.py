@@ -2,7 +2,9 @@
 
 Layers are named the way ComfyUI names UNet transformer blocks: (kind, block id, index in the
 stack), kind in input/middle/output. The official StoryDiffusion code patches the output (up)
-blocks only; "all" and a written list are offered too.
+blocks only; "all" and a written list are offered too. DiT blocks are (kind, block index, 0) with
+kind double/single (Flux's double-stream and single-stream blocks); on a DiT the "official" choice
+means the family's default block set, which its adapter passes in.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..common.sigmas import SigmaWindow
 from .core import mix_seed
 
 LayerKey = tuple  # (kind: str, block: int, index: int)
-KINDS = ("input", "middle", "output")
+KINDS = ("input", "middle", "output", "double", "single")  # append only: ordinals seed the sampling
 
 LAYERS_OUTPUT = "output blocks (official)"
 LAYERS_ALL = "all blocks"
@@ -26,7 +28,7 @@ SCHEDULE_EVERY_STEP = "every step"
 SCHEDULE_OFFICIAL = "official random"
 SCHEDULE_CHOICES = (SCHEDULE_EVERY_STEP, SCHEDULE_OFFICIAL)
 
-_ENTRY = re.compile(r"^(input|middle|output)(?:\s+(\d+)(?:\s*-\s*(\d+))?)?(?:\s*\.\s*(\d+))?$")
+_ENTRY = re.compile(r"^(input|middle|output|double|single)(?:\s+(\d+)(?:\s*-\s*(\d+))?)?(?:\s*\.\s*(\d+))?$")
 
 
 def layer_ordinal(key: LayerKey) -> int:
@@ -36,7 +38,8 @@ def layer_ordinal(key: LayerKey) -> int:
 
 
 def parse_layer_list(text: str) -> list[tuple[str, int | None, int | None, int | None]]:
-    """Parse "output 3-5, middle, input 7.0" into (kind, first block, last block, stack index) rules.
+    """Parse "output 3-5, middle, input 7.0" (UNets) or "double 10-18, single 0-37" (DiTs) into
+    (kind, first block, last block, stack index) rules.
 
     Entries are separated by commas or new lines; a block range is inclusive; ".j" picks one
     transformer of a deep stack (SDXL); no block id means every block of that kind.
@@ -49,7 +52,8 @@ def parse_layer_list(text: str) -> list[tuple[str, int | None, int | None, int |
         m = _ENTRY.match(entry)
         if not m:
             raise ValueError(f"layer entry {n} {raw.strip()!r} is not understood: write e.g. "
-                             "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index), separated by commas")
+                             "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index), or on a DiT 'double 10-18', "
+                             "'single 0-37', separated by commas")
         kind, first, last, index = m.groups()
         first_i = int(first) if first is not None else None
         last_i = int(last) if last is not None else first_i
@@ -61,11 +65,17 @@ def parse_layer_list(text: str) -> list[tuple[str, int | None, int | None, int |
     return rules
 
 
-def select_layers(available: Sequence[LayerKey], choice: str, custom: str = "") -> list[LayerKey]:
-    """The layers of `available` that the choice names (raises if a custom list names none)."""
+def select_layers(available: Sequence[LayerKey], choice: str, custom: str = "",
+                  official: Sequence[LayerKey] | None = None) -> list[LayerKey]:
+    """The layers of `available` that the choice names (raises if a custom list names none).
+
+    official: what LAYERS_OUTPUT means for this model (a DiT family's default blocks); None = the
+    UNet's output blocks."""
     if choice == LAYERS_ALL:
         return list(available)
     if choice == LAYERS_OUTPUT:
+        if official is not None:
+            return list(official)
         return [key for key in available if key[0] == "output"]
     if choice != LAYERS_CUSTOM:
         raise ValueError(f"unknown layer choice {choice!r}; use one of {LAYER_CHOICES}")

@@ -192,6 +192,42 @@ def _file_unet_config(family: str) -> dict:
     raise ValueError(family)
 
 
+# SD1.5 at its real channel widths (320/640/1280/1280, two res blocks per level: AnimateDiff's motion modules
+# are built at these widths and injected after each res block), shallow: spatial transformers only at the
+# 320-wide level (input 1-2, output 9-11) and the middle block. context 768 like SD1.5.
+REAL_WIDTH_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 0, 0, 0, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    "num_heads": 8, "num_head_channels": -1,
+    # popped from the end: output blocks 9-11 (the 320-wide level) carry a transformer
+    "transformer_depth_output": [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
+    """Like write_checkpoint("sd15") but with SD1.5's real level widths and res-block layout (shallow
+    transformers): what AnimateDiff motion modules need. ~1.3 GB (fp16); write it once and cache it."""
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    config = comfy.supported_models.SD15(dict(REAL_WIDTH_SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    clip = comfy.sd.CLIP(config.clip_target({}))
+    init_weights(clip.cond_stage_model, seed + 1)
+    vae = make_vae(seed + 2)
+    sd = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    del model
+    sd = {k: (v.half() if v.is_floating_point() and "position_ids" not in k else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, path)
+    return path
+
+
 def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     """Write a .safetensors checkpoint (UNet + full-size CLIP + VAE) in the original LDM key layout,
     using ComfyUI's own save path, so CheckpointLoaderSimple detects it as `family`."""
@@ -215,3 +251,52 @@ def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     del patcher
     comfy.utils.save_torch_file(sd, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# in-process DiTs (Flux.1, Chroma)
+
+
+def flux_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: int = 2, context_dim: int = 16,
+                     pooled_dim: int = 8, guidance_embed: bool = False) -> dict:
+    """Flux.1 layout (double-stream then single-stream blocks, 2x2 patches of a 16-channel latent), small widths."""
+    head_dim = hidden // heads
+    third = (head_dim // 3) // 2 * 2
+    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
+            "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 2.0, "num_heads": heads,
+            "depth": depth, "depth_single_blocks": single, "axes_dim": [head_dim - 2 * third, third, third],
+            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed}
+
+
+def chroma_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: int = 2, context_dim: int = 16) -> dict:
+    """Chroma layout (Flux blocks without per-block modulation, a distilled guidance approximator), small widths."""
+    config = flux_unet_config(hidden, heads, depth, single, context_dim)
+    for key in ("vec_in_dim", "guidance_embed"):
+        config.pop(key)
+    config.update({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": hidden,
+                   "hidden_dim": 32, "n_layers": 1})
+    return config
+
+
+def make_dit(family: str = "flux", seed: int = 0, **kw):
+    """A ModelPatcher around a tiny Flux.1 ("flux", "flux_guidance") or Chroma DiT with initialised weights."""
+    supported_models, model_patcher = _import()
+    import comfy.model_management as mm
+
+    if family == "flux":
+        config = supported_models.FluxSchnell(flux_unet_config(**kw))
+    elif family == "flux_guidance":
+        config = supported_models.Flux(flux_unet_config(guidance_embed=True, **kw))
+    elif family == "chroma":
+        config = supported_models.Chroma(chroma_unet_config(**kw))
+    else:
+        raise ValueError(family)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    with torch.no_grad():  # q/k RMSNorm gains ("...query_norm.scale"): 1, or every query and key is zero
+        for name, p in model.diffusion_model.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    model.diffusion_model.eval()
+    return model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

@@ -1,0 +1,123 @@
+"""Consistent Self-Attention on a DiT's joint attention, in plain torch.
+
+A DiT block (Flux, Chroma, ...) attends jointly over the text and image tokens of a panel:
+q/k/v arrive as [rows, heads, tokens, dim_head] with the panel's text tokens first, then its
+image tokens, then anything else (Kontext reference-image tokens). StoryDiffusion on a DiT:
+
+    K_i, V_i = [all tokens of panel i, sampled *image* tokens of the panels i shares with]
+    O_i      = Attention(Q_i, K_i, V_i)
+
+Text tokens of other panels and tokens after the image (references) are never shared. The keys
+arrive after RoPE, so a shared key keeps the position phases of its own panel (CharaConsist-style
+position matching is not done here). Rows are grouped into chunks (cond, uncond, ...) as in
+attention/core.py: a panel reads panels of its own chunk only, with the same token indices in every
+chunk, and query panels are processed one at a time (one panel's K/V buffer at a time).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
+JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def sdpa_joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference kernel: [rows, H, Nq, D] x [rows, H, Nk, D] -> [rows, Nq, H*D] (ComfyUI's output layout)."""
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rows, heads, tokens, dim = out.shape
+    return out.transpose(1, 2).reshape(rows, tokens, heads * dim)
+
+
+def _panel_mask(mask: Optional[torch.Tensor], chunks: int, panels: int, i: int,
+                columns: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The attention mask of panel i's rows, with a column for every appended key.
+
+    A shared key at image position t of another panel takes the column of image position t of
+    panel i (masks of joint attention say which positions a query may see, not whose they are)."""
+    if mask is None:
+        return None
+    if mask.ndim >= 3 and mask.shape[0] == chunks * panels:
+        mask = mask.reshape(chunks, panels, *mask.shape[1:])[:, i]
+    if columns is None or columns.numel() == 0:
+        return mask
+    return torch.cat([mask, mask.index_select(-1, columns.to(mask.device))], dim=-1)
+
+
+def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,
+                               image_tokens: int, share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
+                               mask: Optional[torch.Tensor] = None,
+                               attention: JointAttentionFn = sdpa_joint) -> torch.Tensor:
+    """Joint attention where each panel also reads sampled image tokens of the panels it shares with.
+
+    q, k, v: [chunks*B, H, N, D]; row c*B+i is panel i of chunk c; tokens [text_tokens] text, then
+        [image_tokens] image tokens, then N - text - image tokens that belong to the panel but are never shared.
+    share: [B, B] bool, share[i, j] = panel i may read panel j (the diagonal is ignored).
+    sampled: [B, n] indices into the panel's image tokens (0 .. image_tokens-1) that the others read.
+    window: 0 or >= B: one window over the batch; 0 < W < B: sliding windows of W consecutive panels,
+        each panel's output the mean over the windows that contain it (as attention/core.py).
+    mask: None, or a mask ComfyUI's kernels accept ([N, N], [rows, N, N], [rows, H, N, N]...); it is
+        cut to each panel's rows and extended with a column per appended key.
+    attention: attention(q, k, v, mask) on [chunks, H, tokens, D]; returns rows first ([chunks, N, H*D]
+        for ComfyUI's kernels). The result has the kernel's layout with chunks*B rows.
+    """
+    total, heads, tokens, dim = q.shape
+    if total % chunks:
+        raise ValueError(f"{total} attention rows do not split into {chunks} chunks")
+    panels = total // chunks
+    if text_tokens < 0 or image_tokens <= 0 or text_tokens + image_tokens > k.shape[2]:
+        raise ValueError(f"{k.shape[2]} key tokens cannot hold {text_tokens} text + {image_tokens} image tokens")
+    if share.shape != (panels, panels) or sampled.shape[0] != panels:
+        raise ValueError(f"share {tuple(share.shape)} / sampled {tuple(sampled.shape)} do not match {panels} panels")
+    if sampled.numel() and int(sampled.max()) >= image_tokens:
+        raise ValueError(f"sampled token index {int(sampled.max())} is past the {image_tokens} image tokens")
+    share = share.to(torch.bool).cpu() & ~torch.eye(panels, dtype=torch.bool)
+    sampled = sampled.to(torch.long).cpu()
+    if window <= 0 or window >= panels:
+        windows = [range(panels)]
+    else:
+        windows = [range(s, s + window) for s in range(panels - window + 1)]
+
+    q4 = q.reshape(chunks, panels, heads, tokens, dim)
+    k4 = k.reshape(chunks, panels, heads, k.shape[2], dim)
+    v4 = v.reshape(chunks, panels, heads, v.shape[2], dim)
+    positions = [(text_tokens + sampled[j]).to(k.device) for j in range(panels)]  # key positions others read
+
+    single = len(windows) == 1
+    out4 = None
+    counts = torch.zeros(panels)
+    for members in windows:
+        for i in members:
+            counts[i] += 1
+            others = [j for j in members if share[i, j]]
+            n_other = sum(int(sampled[j].numel()) for j in others)
+            if n_other == 0:
+                kk, vv, columns = k4[:, i], v4[:, i], None  # reads nothing but itself: plain joint attention
+            else:
+                own = k.shape[2]
+                kk = k.new_empty((chunks, heads, own + n_other, dim))
+                vv = v.new_empty((chunks, heads, own + n_other, dim))
+                kk[:, :, :own].copy_(k4[:, i])
+                vv[:, :, :own].copy_(v4[:, i])
+                at = own
+                for j in others:
+                    n = int(sampled[j].numel())
+                    kk[:, :, at:at + n].copy_(k4[:, j].index_select(2, positions[j]))
+                    vv[:, :, at:at + n].copy_(v4[:, j].index_select(2, positions[j]))
+                    at += n
+                columns = torch.cat([positions[j] for j in others])
+            result = attention(q4[:, i], kk, vv, _panel_mask(mask, chunks, panels, i, columns))
+            if out4 is None:
+                out4 = result.new_zeros((chunks, panels) + tuple(result.shape[1:]))
+            if single:
+                out4[:, i].copy_(result)
+            else:
+                out4[:, i].add_(result)
+            del kk, vv, result
+    if not single:
+        scale = (1.0 / counts).to(out4.dtype).to(out4.device)
+        out4.mul_(scale.reshape((1, panels) + (1,) * (out4.ndim - 2)))
+    return out4.reshape((total,) + tuple(out4.shape[2:]))
