@@ -16,6 +16,7 @@ itself, so SD1.5 (16 layers), SDXL (70) and narrower test models map the same wa
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from .frames import image_attention, route_frames
 from .weights import IPAdapter, IPAdapterFormatError, family_name, group_state_dict, load_ipadapter_file
 
 IPADAPTER_FOLDER = "ipadapter"
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
 # model folder
@@ -171,19 +173,51 @@ class PerFrameIPAttention:
         return out + self.weight * image_attention(q, k_ip, v_ip, heads, attention).to(out.dtype)
 
 
+BLACK_IMAGE_SIZE = 224  # IPAdapter_plus encodes a 224 x 224 black image; encode_image resizes to the model's size
+
+
+def black_image_embeddings(clip_vision, field: str) -> torch.Tensor:
+    """CLIP-vision encoding of a black image (ComfyUI's own encode_image), the `field` of its output: the
+    unconditional image input of plus / full-face IP-Adapters (reference implementation, IPAdapter_plus)."""
+    black = torch.zeros(1, BLACK_IMAGE_SIZE, BLACK_IMAGE_SIZE, 3)
+    output = clip_vision.encode_image(black, crop=True)
+    value = getattr(output, field, None) if not isinstance(output, dict) else output.get(field)
+    if value is None:
+        raise ValueError(f"The CLIP vision model gave no {field} for the black image.")
+    return value
+
+
+def unconditional_embeddings(spec, embeds: torch.Tensor, clip_vision=None) -> torch.Tensor:
+    """IP-Adapter's own negative image input: zeros for plain adapters (their training drops the image
+    that way); for plus / full-face adapters the CLIP-vision encoding of a black image, or zeros with a
+    warning when no CLIP vision model is given."""
+    if spec.kind == "plain":
+        return torch.zeros_like(embeds)
+    if clip_vision is None:
+        logger.warning("StoryDiffusion per-frame conditioning: a %s IP-Adapter's unconditional input is the CLIP-vision "
+                       "encoding of a black image; connect clip_vision to use it (using zeros instead).", spec.kind)
+        return torch.zeros_like(embeds)
+    black = black_image_embeddings(clip_vision, spec.input_field).to(embeds.device, embeds.dtype)
+    if black.shape[1:] != embeds.shape[1:]:
+        raise ValueError(f"The CLIP vision model encodes an image as {tuple(black.shape[1:])} but the per-frame embeddings are "
+                         f"{tuple(embeds.shape[1:])}: connect the CLIP vision model that made the embeddings.")
+    return black
+
+
 def apply_per_frame_ipadapter(model, ipadapter: dict, embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                              weight: float, start_percent: float, end_percent: float):
+                              weight: float, start_percent: float, end_percent: float, clip_vision=None):
     """A clone of `model` whose latent frame j cross-attends to the image tokens of `embeds[j]`.
 
-    `negative_embeds` feed the uncond chunks; by default zeros (IP-Adapter's own negative, which is
-    how it drops the image during training), so CFG pushes towards the image.
+    `negative_embeds` feed the uncond chunks; by default IP-Adapter's own negative (which is how it drops
+    the image during training), so CFG pushes towards the image: zeros for plain adapters, the encoding of
+    a black image by `clip_vision` for plus / full-face ones (zeros with a warning without it).
     """
     adapter = IPAdapter(unwrap_ipadapter(ipadapter))
     sites = cross_attention_sites(model)
     check_ipadapter_fits(adapter, sites)
     window = glue.sigma_window(model, start_percent, end_percent)
     if negative_embeds is None:
-        negative_embeds = torch.zeros_like(embeds)
+        negative_embeds = unconditional_embeddings(adapter.spec, embeds, clip_vision)
     if negative_embeds.shape[1:] != embeds.shape[1:]:
         raise ValueError(f"negative embeddings {tuple(negative_embeds.shape)} do not match the embeddings {tuple(embeds.shape)}.")
     if negative_embeds.shape[0] not in (1, embeds.shape[0]):

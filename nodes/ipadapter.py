@@ -61,19 +61,24 @@ class PerFrameSemanticConditioning:
                     "tooltip": "Per-frame embeddings as a raw tensor (IPAdapter_plus EMBEDS layout: [frames, dim] for "
                                "plain adapters, [frames, tokens, dim] for plus). Used when clip_vision_output is not connected."}),
                 "negative_embeds": (EMBEDS_TYPE, {
-                    "tooltip": "Embeddings for the negative (uncond) pass, 1 or one per frame. Default: zeros, "
-                               "IP-Adapter's own unconditional input."}),
+                    "tooltip": "Embeddings for the negative (uncond) pass, 1 or one per frame. Default: IP-Adapter's own "
+                               "unconditional input (zeros for plain adapters, a black image for plus/full-face)."}),
+                "clip_vision": ("CLIP_VISION", {
+                    "tooltip": "Used to encode the black image for plus/full-face adapters (their unconditional input, "
+                               "as in the reference implementation). Without it, zeros as before (a warning is logged). "
+                               "Plain adapters do not need it."}),
             },
         }
 
     def apply(self, model, ipadapter, weight, start_percent, end_percent, clip_vision_output=None, embeds=None,
-              negative_embeds=None):
+              negative_embeds=None, clip_vision=None):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): swap them.")
         spec = inspect_ipadapter(comfy_adapter.unwrap_ipadapter(ipadapter), "the IPADAPTER input")
         frames = self._embeddings(spec, clip_vision_output, embeds)
         negative = None if negative_embeds is None else self._as_tensor(negative_embeds, "negative_embeds")
-        return (comfy_adapter.apply_per_frame_ipadapter(model, ipadapter, frames, negative, weight, start_percent, end_percent),)
+        return (comfy_adapter.apply_per_frame_ipadapter(model, ipadapter, frames, negative, weight, start_percent, end_percent,
+                                                        clip_vision=clip_vision),)
 
     @staticmethod
     def _as_tensor(value, name) -> torch.Tensor:

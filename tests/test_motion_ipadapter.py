@@ -171,13 +171,29 @@ def test_plus_projection_tokens(ipa):
     assert torch.equal(tokens[0], again[0]) and not torch.allclose(tokens[1], again[1])
 
 
+def record_routes(ipa, monkeypatch) -> list:
+    """(cond_or_uncond, routed tokens) of every call of the IP branch."""
+    seen = []
+    real_route = ipa.comfy.route_frames
+
+    def route(c, u, cond_or_uncond, rows, frame_indices=None):
+        out = real_route(c, u, cond_or_uncond, rows, frame_indices)
+        seen.append((list(cond_or_uncond), out))
+        return out
+
+    monkeypatch.setattr(ipa.comfy, "route_frames", route)
+    return seen
+
+
 def test_each_frame_gets_its_own_embedding(ipa, sd15, comfy_nodes, monkeypatch):
     """Hook on the IP branch's inputs: row c*B+j holds proj(embedding j) (positive chunk) or proj(0)
-    (negative chunk); the patch names chunks by their role."""
+    (negative chunk: a *plain* adapter's unconditional input is zeros; plus / full-face adapters use the
+    encoding of a black image, see the next test); the patch names chunks by their role."""
     groups = fx.tiny_ipadapter("sd15")
     embeds = fx.frame_embeddings(3, 32, seed=3)
     patched = ipa.comfy.apply_per_frame_ipadapter(sd15.model, groups, embeds, None, 1.0, 0.0, 1.0)
     adapter = ipa.core.IPAdapter(groups)
+    assert adapter.spec.kind == "plain"
     cond, uncond = adapter.project(embeds), adapter.project(torch.zeros_like(embeds))
     seen = []
     real_route, real_attention = ipa.comfy.route_frames, ipa.comfy.image_attention
@@ -197,6 +213,54 @@ def test_each_frame_gets_its_own_embedding(ipa, sd15, comfy_nodes, monkeypatch):
             for j in range(3):
                 assert torch.allclose(tokens[c * 3 + j], (uncond if kind == "negative" else cond)[j], atol=1e-6)
     assert any("positive" in c for c, _ in seen) and any("negative" in c for c, _ in seen)
+
+
+@pytest.mark.parametrize("kind", ["plus", "full"])
+def test_plus_and_full_face_uncond_is_the_black_image_encoding(ipa, sd15, comfy_nodes, monkeypatch, caplog, kind):
+    """Plus / full-face adapters: the negative chunk gets proj(CLIP-vision encoding of a black image) (reference
+    implementation, IPAdapter_plus) when clip_vision is connected; without it zeros, with a warning."""
+    import motion_fixtures
+
+    clip_vision = motion_fixtures.make_clip_vision()
+    black = clip_vision.encode_image(torch.zeros(1, 224, 224, 3), crop=True)["penultimate_hidden_states"]
+    groups = fx.tiny_ipadapter("sd15", kind)
+    embeds = fx.frame_embeddings(3, 32, tokens=black.shape[1], seed=3)
+    adapter = ipa.core.IPAdapter(groups)
+    cond, uncond_black, uncond_zero = (adapter.project(e) for e in (embeds, black, torch.zeros_like(black)))
+    assert (uncond_black - uncond_zero).abs().max() > 1e-3  # a black image is not a zero embedding
+
+    for vision, expected in ((clip_vision, uncond_black), (None, uncond_zero)):
+        seen = record_routes(ipa, monkeypatch)
+        caplog.clear()
+        patched = ipa.comfy.apply_per_frame_ipadapter(sd15.model, groups, embeds, None, 1.0, 0.0, 1.0, clip_vision=vision)
+        warned = [r for r in caplog.records if "black image" in r.getMessage()]
+        assert bool(warned) == (vision is None)
+        sample(comfy_nodes, patched, sd15.positive, sd15.negative, frames=3, steps=1)
+        assert seen and any("negative" in c for c, _ in seen)
+        for cond_or_uncond, tokens in seen:
+            for c, role in enumerate(cond_or_uncond):
+                for j in range(3):
+                    want = expected[0] if role == "negative" else cond[j]
+                    assert torch.allclose(tokens[c * 3 + j], want, atol=1e-5)
+    # the node passes its clip_vision input through
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionPerFrameSemanticConditioning"]()
+    seen = record_routes(ipa, monkeypatch)
+    (patched,) = node.apply(sd15.model, groups, 1.0, 0.0, 1.0, embeds=embeds, clip_vision=clip_vision)
+    sample(comfy_nodes, patched, sd15.positive, sd15.negative, frames=3, steps=1)
+    negative = [tokens[c * 3] for roles, tokens in seen for c, r in enumerate(roles) if r == "negative"]
+    assert negative and all(torch.allclose(t, uncond_black[0], atol=1e-5) for t in negative)
+
+
+def test_plain_adapter_keeps_zero_uncond_with_clip_vision(ipa, sd15):
+    import motion_fixtures
+
+    groups = fx.tiny_ipadapter("sd15")
+    embeds = fx.frame_embeddings(2, 32, seed=3)
+    patched = ipa.comfy.apply_per_frame_ipadapter(sd15.model, groups, embeds, None, 1.0, 0.0, 1.0,
+                                                  clip_vision=motion_fixtures.make_clip_vision())
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+    zeros = ipa.core.IPAdapter(groups).project(torch.zeros_like(embeds))
+    assert torch.allclose(patch.tokens.uncond, zeros, atol=1e-6)
 
 
 def test_frame_only_depends_on_its_embedding(ipa, sd15, comfy_nodes):
