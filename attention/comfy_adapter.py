@@ -5,7 +5,7 @@ its UNet. ComfyUI hands the replace q/k/v already projected, for all rows of one
 (chunks of B panels, in the order of `cond_or_uncond`); the replace maps rows to story panels,
 samples tokens, and calls attention/core.py with ComfyUI's own attention kernel.
 
-DiT models (Flux.1, Chroma) have no attn1 patches: `patch_model` installs an
+DiT models (Flux.1, Flux.2, Chroma) have no attn1 patches: `patch_model` installs an
 `optimized_attention_override` instead (chained to the one the MODEL had) plus a DIFFUSION_MODEL
 wrapper that records, per model call, how many text and image tokens the joint attention sees; the
 override calls attention/dit.py for the blocks the config selects (see "DiT models" below).
@@ -401,12 +401,13 @@ class DiTFamily:
 
 
 FLUX1 = DiTFamily("Flux.1", options_position=7)  # Flux._forward(x, t, context, y, guidance, ref_latents, control, options)
+FLUX2 = DiTFamily("Flux.2", options_position=7)  # the same model class (4 position axes, 1x1 patches of a packed latent)
 CHROMA = DiTFamily("Chroma", options_position=5)  # Chroma._forward(x, t, context, guidance, control, options)
-SUPPORTED_FAMILIES = "UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext) and Chroma"
+SUPPORTED_FAMILIES = "UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext), Flux.2 and Chroma"
 
 # diffusion-model modules of DiTs we know but do not support yet -> the name users know them by
 _KNOWN_DITS = {
-    "comfy.ldm.flux": "Flux.2", "comfy.ldm.chroma_radiance": "Chroma Radiance", "comfy.ldm.mmdit": "SD3 / SD3.5",
+    "comfy.ldm.chroma_radiance": "Chroma Radiance", "comfy.ldm.mmdit": "SD3 / SD3.5",
     "comfy.ldm.modules.diffusionmodules.mmdit": "SD3 / SD3.5", "comfy.ldm.qwen_image": "Qwen-Image",
     "comfy.ldm.lumina": "Lumina 2 / Z-Image", "comfy.ldm.hidream": "HiDream", "comfy.ldm.aura": "AuraFlow",
     "comfy.ldm.pixart": "PixArt", "comfy.ldm.hunyuan_dit": "Hunyuan-DiT",
@@ -435,8 +436,8 @@ def dit_family(model_patcher) -> Optional[DiTFamily]:
     import comfy.ldm.chroma.model
     import comfy.ldm.flux.model
 
-    if type(model) is comfy.ldm.flux.model.Flux and len(model.params.axes_dim) == 3:  # Flux.2 has 4 position axes
-        return FLUX1
+    if type(model) is comfy.ldm.flux.model.Flux:
+        return FLUX1 if len(model.params.axes_dim) == 3 else FLUX2  # Flux.2 has 4 position axes
     if type(model) is comfy.ldm.chroma.model.Chroma:  # not Chroma Radiance (pixel space, other token layout)
         return CHROMA
     return None
@@ -564,7 +565,7 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
                 start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None):
     """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched).
 
-    UNets: attn1 replaces. DiTs (Flux.1, Chroma): the attention override; `rate_high_res` does not
+    UNets: attn1 replaces. DiTs (Flux.1, Flux.2, Chroma): the attention override; `rate_high_res` does not
     apply (one rate for every block) and the "official" layer choice means the family's default blocks."""
     import comfy.patcher_extension
 

@@ -20,7 +20,7 @@ def _user_error(e: Exception) -> Exception:
 class ConsistentSelfAttention:
     DESCRIPTION = ("Patches a clone of the MODEL so the self-attention of every panel in a latent batch also reads tokens "
                    "sampled from the other panels (StoryDiffusion's Consistent Self-Attention): a KSampler with N latents "
-                   "and N prompts then draws the same character in every panel. The input MODEL is not changed. On Flux.1 and "
+                   "and N prompts then draws the same character in every panel. The input MODEL is not changed. On Flux.1, Flux.2 and "
                    "Chroma (DiTs) each panel's joint attention also reads sampled image tokens of the other panels; "
                    "text tokens and Kontext reference tokens are never shared.")
     CATEGORY = SUBCATEGORY
@@ -34,7 +34,7 @@ class ConsistentSelfAttention:
         s = csa_schedule
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL UNet, or a Flux.1 (dev, schnell, Kontext) or Chroma DiT "
+                "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL UNet, or a Flux.1 (dev, schnell, Kontext), Flux.2 or Chroma DiT "
                                                "model. It is cloned, never modified."}),
                 "rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Share of each panel's tokens the other panels read (paper: 0.5). "

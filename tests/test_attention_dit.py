@@ -1,4 +1,4 @@
-"""Consistent Self-Attention on DiT models (Flux.1, Chroma): the attention override against a naive joint
+"""Consistent Self-Attention on DiT models (Flux.1, Flux.2, Chroma): the attention override against a naive joint
 attention written here, real KSampler runs on tiny random Flux/Chroma models against a second,
 independent override, story groups, windows, chaining to another override, Kontext reference tokens,
 and the errors for models and nodes that do not apply."""
@@ -44,11 +44,11 @@ def conds(panels: int, seed: int = 0, reference=None):
     return one(), one()
 
 
-def ksampler(model, panels=3, seed=5, steps=STEPS, size=8, cfg=3.0, cond_seed=0, reference=None):
+def ksampler(model, panels=3, seed=5, steps=STEPS, size=8, cfg=3.0, cond_seed=0, reference=None, channels=16):
     import nodes
 
     positive, negative = conds(panels, cond_seed, reference)
-    latent = {"samples": torch.zeros(panels, 16, size, size)}
+    latent = {"samples": torch.zeros(panels, channels, size, size)}
     return nodes.KSampler().sample(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
 
 
@@ -154,6 +154,7 @@ def test_families_blocks_and_the_layer_syntax(csa, flux, chroma):
     from comfyui_storydiffusion.attention import schedule
 
     assert csa.dit_family(flux) is csa.FLUX1 and csa.dit_family(chroma) is csa.CHROMA
+    assert csa.dit_family(tiny_models.make_dit("flux2")) is csa.FLUX2
     dm = flux.model.diffusion_model
     assert csa.FLUX1.blocks(dm) == [("double", 0, 0), ("double", 1, 0), ("single", 0, 0), ("single", 1, 0)]
     assert csa.FLUX1.default_blocks(dm) == [("double", 1, 0), ("single", 0, 0), ("single", 1, 0)]
@@ -229,17 +230,20 @@ def test_override_story_groups_window_and_mask(csa, flux):
     assert (out - reference_rate_1(q, k, v, 2, text, image, everyone)).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["flux", "chroma"])
+@pytest.mark.parametrize("family", ["flux", "chroma", "flux2"])
 def test_ksampler_at_rate_1_equals_an_independent_override(csa, flux, chroma, family):
-    model = flux if family == "flux" else chroma
+    model = {"flux": flux, "chroma": chroma}.get(family) or tiny_models.make_dit(family, seed=4)
+    # Flux.2: 1x1 patches of a 128-channel 4x4 latent, prompts padded to 512 tokens; the others 2x2 patches of 8x8
+    text, shape = (512, dict(channels=128, size=4)) if family == "flux2" else (TEXT, {})
     layers = {("double", 1), ("single", 0), ("single", 1)}  # the default blocks of the tiny models
     patched = patch(csa, model, rate=1.0)
     reference = model.clone()
-    reference.model_options["transformer_options"]["optimized_attention_override"] = reference_override(layers, TEXT, 16)
-    expected = ksampler(reference)
-    actual = ksampler(patched)
-    assert (expected - ksampler(model)).abs().max() > 1e-3
-    assert_relative(actual, expected, 1e-4)
+    reference.model_options["transformer_options"]["optimized_attention_override"] = reference_override(layers, text, 16)
+    expected = ksampler(reference, **shape)
+    actual = ksampler(patched, **shape)
+    assert (expected - ksampler(model, **shape)).abs().max() > 1e-3
+    assert_relative(actual, expected, 1e-5)
+    assert torch.equal(ksampler(patch(csa, model, rate=0.0), **shape), ksampler(model, **shape))
 
 
 def test_ksampler_story_groups_nc_and_window(csa, flux):
@@ -357,3 +361,10 @@ def test_the_node_patches_flux(flux, comfy_nodes, pack):
     assert (ksampler(patched) - ksampler(flux)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="entry 1 'double x'"):
         node.patch(flux, 0.5, 0.5, 0, "custom list", "double x", 0.0, 1.0, "every step", 3)
+
+
+def test_flux_dev_with_guidance_embedding(csa):
+    dev = tiny_models.make_dit("flux_guidance", seed=3)
+    before = ksampler(dev)
+    assert torch.equal(ksampler(patch(csa, dev, rate=0.0)), before)
+    assert (ksampler(patch(csa, dev)) - before).abs().max() > 1e-3

@@ -278,8 +278,21 @@ def chroma_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single:
     return config
 
 
+def flux2_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: int = 2, context_dim: int = 16) -> dict:
+    """Flux.2 layout (shared modulation, 4 position axes, 1x1 patches of a 128-channel latent), small widths.
+    Flux.2 pads every prompt to 512 text tokens (model_base.Flux2.extra_conds)."""
+    config = flux_unet_config(hidden, heads, depth, single, context_dim)
+    quarter = hidden // heads // 4
+    config.update({"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+                   "axes_dim": [quarter] * 4, "theta": 2000, "patch_size": 1, "qkv_bias": False,
+                   "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+                   "default_ref_method": "index", "ref_index_scale": 10.0})
+    return config
+
+
 def make_dit(family: str = "flux", seed: int = 0, **kw):
-    """A ModelPatcher around a tiny Flux.1 ("flux", "flux_guidance") or Chroma DiT with initialised weights."""
+    """A ModelPatcher around a tiny Flux.1 ("flux", "flux_guidance"), Flux.2 ("flux2") or Chroma DiT with
+    initialised weights."""
     supported_models, model_patcher = _import()
     import comfy.model_management as mm
 
@@ -287,6 +300,8 @@ def make_dit(family: str = "flux", seed: int = 0, **kw):
         config = supported_models.FluxSchnell(flux_unet_config(**kw))
     elif family == "flux_guidance":
         config = supported_models.Flux(flux_unet_config(guidance_embed=True, **kw))
+    elif family == "flux2":
+        config = supported_models.Flux2(flux2_unet_config(**kw))
     elif family == "chroma":
         config = supported_models.Chroma(chroma_unet_config(**kw))
     else:
