@@ -3,8 +3,10 @@
     python scripts/make_workflows.py                  # start a ComfyUI with the pack, rewrite workflows/
     python scripts/make_workflows.py --check          # exit 1 if a file differs from what it would write
     python scripts/make_workflows.py --object-info f.json   # use a saved /object_info instead
-    python scripts/make_workflows.py --thumbnails test-artifacts/workflows   # screenshots -> <name>.jpg
 
+Also writes the template cards: web/templates.json (each workflow's title and one-line description, which
+web/storydiffusion.js shows in the template browser) and workflows/<name>.jpg (what the workflow makes, drawn
+by story/comic.py from flat numbered placeholder panels).
 `--check` (used by tests/test_workflows.py) fails when a shipped file is stale.
 """
 from __future__ import annotations
@@ -55,18 +57,144 @@ def live_object_info() -> dict:
             server.stop()
 
 
-def write_thumbnails(screenshot_dir: str) -> list[str]:
-    """workflows/<name>.jpg (the frontend's template thumbnail name) from <screenshot_dir>/<name>.png."""
+# ---------------------------------------------------------------------------------------------------
+# template cards: web/templates.json (title + one-line description, read by web/storydiffusion.js) and
+# workflows/<name>.jpg, what the workflow makes drawn by the pack's own comic code from placeholder panels
+
+TEMPLATE_INDEX = os.path.join(REPO, "web", "templates.json")
+TEMPLATE_CATEGORY = "StoryDiffusion"
+THUMBNAIL_SIZE = 512  # longest side, pixels
+VIDEO_STRIP_FRAMES = 4  # frames per strip of a video thumbnail
+
+
+def pack_module(dotted: str):
+    """A plain module of the pack (e.g. story.comic) without importing ComfyUI or the nodes."""
+    import importlib
+    import types
+
+    package = "storydiffusion_plain"
+    if package not in sys.modules:
+        stub = types.ModuleType(package)
+        stub.__path__ = [REPO]
+        sys.modules[package] = stub
+    return importlib.import_module(f"{package}.{dotted}")
+
+
+def template_index() -> dict:
+    return {"title": TEMPLATE_CATEGORY,
+            "templates": [{"name": name, "title": spec.title or name, "description": spec.description}
+                          for name, spec in WORKFLOWS.items() if spec.shipped]}
+
+
+def widget_value(filled: WorkflowBuilder, node_id: int, name: str):
+    """A node's widget value in the built workflow: the spec's, else the node's default."""
+    node = filled.nodes[node_id - 1]
+    if name in node.widgets:
+        return node.widgets[name]
+    for input_name, kind, options in builder.node_inputs(filled.info[node.type]):
+        if input_name == name:
+            return builder.default_value(kind, options)
+    raise KeyError(f"{node.type} has no widget {name!r}")
+
+
+def _nodes_of(filled: WorkflowBuilder, node_type: str) -> list[int]:
+    return [n.id for n in filled.nodes if n.type == node_type]
+
+
+def placeholder_colour(index: int, count: int) -> tuple[int, int, int]:
+    """Panel `index` of `count`: evenly spaced hues, bright and saturated (far from page white and black)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((index / max(count, 1) + 0.02) % 1.0, 0.7, 0.9)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def placeholder_panel(colour: tuple, label: str, size: int, fonts):
+    """A flat panel with its number in the middle (white on the colour)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), colour)
+    text_size = size // 3
+    width = fonts.width(label, text_size)
+    ascent, line_h = fonts.line_metrics(text_size)
+    fonts.draw(ImageDraw.Draw(image), ((size - width) / 2, (size - line_h) / 2 + ascent), label, text_size,
+               (255, 255, 255))
+    return image
+
+
+def thumbnail_plan(name: str, object_info: dict) -> dict:
+    """What the thumbnail of a shipped workflow shows: {"kind": "page"|"video", "colours": [...], ...}."""
+    filled = make_builder(name, object_info)
+    pages = _nodes_of(filled, "StoryDiffusionComicPage")
+    if pages:
+        parse = pack_module("story.parse")
+        story_node = _nodes_of(filled, "StoryDiffusionStory")[0]
+        story = parse.parse_story(widget_value(filled, story_node, "characters"), widget_value(filled, story_node, "panels"),
+                                  widget_value(filled, story_node, "identity_panels"))
+        count = len(story.panels)
+        page = {key: widget_value(filled, pages[0], key) for key in
+                ("layout", "rows", "columns", "page_width", "margin", "gutter", "caption_height", "border", "layout_seed",
+                 "caption_position")}
+        return {"kind": "page", "page": page, "captions": [p.caption for p in story.panels],
+                "labels": [str(i + 1) for i in range(count)],
+                "colours": [placeholder_colour(i, count) for i in range(count)]}
+    if _nodes_of(filled, "StoryDiffusionVideoCombine"):
+        panels = len(_nodes_of(filled, "LoadImage"))
+        per_transition = widget_value(filled, _nodes_of(filled, "StoryDiffusionSemanticMotionPredictor")[0], "frames")
+        overlap = widget_value(filled, _nodes_of(filled, "StoryDiffusionStoryVideo")[0], "overlap")
+        ends = [placeholder_colour(i, panels) for i in range(panels)]
+        colours, captions = [], []
+        for t in range(panels - 1):
+            for j in range(overlap if t else 0, per_transition):
+                f = j / (per_transition - 1)
+                colours.append(tuple(round(a + (b - a) * f) for a, b in zip(ends[t], ends[t + 1])))
+                captions.append(f"panel {t + 1}" if j == 0 else f"panel {t + 2}" if j == per_transition - 1 else "")
+        return {"kind": "video", "colours": colours, "captions": captions,
+                "labels": [str(i + 1) for i in range(len(colours))], "panel_colours": ends}
+    raise ValueError(f"{name}: no Comic Page or Video Combine node to draw a thumbnail of")
+
+
+def render_thumbnail(name: str, object_info: dict):
+    """The card image: the comic page (or the video's frames, in strips) drawn by story/comic.py."""
     from PIL import Image
 
+    comic = pack_module("story.comic")
+    plan = thumbnail_plan(name, object_info)
+    fonts = comic.FontSet()
+    panel = 256
+    images = [placeholder_panel(c, label, panel, fonts) for c, label in zip(plan["colours"], plan["labels"])]
+    if plan["kind"] == "page":
+        p = plan["page"]
+        fraction = p["caption_height"] if any(plan["captions"]) and p["caption_position"] == comic.CAPTION_BELOW else 0.0
+        height = comic.auto_page_height(p["page_width"], p["margin"], p["gutter"], p["rows"], p["columns"], p["layout"],
+                                        1.0, fraction)
+        style = comic.PageStyle(page_w=p["page_width"], page_h=height, border=p["border"],
+                                caption_position=p["caption_position"], caption_fraction=p["caption_height"])
+        rects = comic.layout_pages(len(images), p["layout"], p["page_width"], height, p["margin"], p["gutter"],
+                                   p["rows"], p["columns"], seed=p["layout_seed"])
+        image = comic.render_pages(images, plan["captions"], rects[:1], style, fonts)[0]
+    else:
+        width, margin, gutter, fraction = 1024, 16, 12, 0.18
+        height = comic.auto_page_height(width, margin, gutter, 1, VIDEO_STRIP_FRAMES, comic.LAYOUT_STRIP, 1.0, fraction)
+        style = comic.PageStyle(page_w=width, page_h=height, background=(24, 24, 24), border=2,
+                                border_colour=(240, 240, 240), caption_fraction=fraction)
+        rects = comic.layout_pages(len(images), comic.LAYOUT_STRIP, width, height, margin, gutter, 1,
+                                   VIDEO_STRIP_FRAMES)
+        strips = comic.render_pages(images, plan["captions"], rects, style, fonts)
+        image = Image.new("RGB", (width, height * len(strips)), style.background)
+        for i, strip in enumerate(strips):
+            image.paste(strip, (0, i * height))
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+    return image
+
+
+def write_thumbnails(object_info: dict) -> list[str]:
+    """workflows/<name>.jpg (the name the template browser shows as the card image) for every shipped workflow."""
     written = []
     for name, spec in WORKFLOWS.items():
-        src = os.path.join(screenshot_dir, f"{name}.png")
-        if spec.shipped and os.path.exists(src):
-            image = Image.open(src).convert("RGB")
-            image.thumbnail((768, 480))
+        if spec.shipped:
             dest = os.path.join(WORKFLOWS_DIR, f"{name}.jpg")
-            image.save(dest, quality=85)
+            render_thumbnail(name, object_info).save(dest, quality=90)
             written.append(dest)
     return written
 
@@ -75,12 +203,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--object-info", help="a saved /object_info JSON (default: start ComfyUI and ask it)")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
-    parser.add_argument("--thumbnails", metavar="DIR", help="make <name>.jpg from DIR/<name>.png screenshots")
     args = parser.parse_args(argv)
-    if args.thumbnails:
-        for path in write_thumbnails(args.thumbnails):
-            print("wrote", os.path.relpath(path, REPO))
-        return 0
     if args.object_info:
         with open(args.object_info) as f:
             info = json.load(f)
@@ -101,6 +224,22 @@ def main(argv=None) -> int:
         else:
             with open(path, "w") as f:
                 f.write(text)
+            print("wrote", os.path.relpath(path, REPO))
+    index = json.dumps(template_index(), indent=1, ensure_ascii=False) + "\n"
+    current = open(TEMPLATE_INDEX).read() if os.path.exists(TEMPLATE_INDEX) else None
+    if current != index:
+        if args.check:
+            stale.append("web/templates.json")
+        else:
+            with open(TEMPLATE_INDEX, "w") as f:
+                f.write(index)
+            print("wrote", os.path.relpath(TEMPLATE_INDEX, REPO))
+    for name, spec in WORKFLOWS.items():
+        thumbnail = os.path.join(WORKFLOWS_DIR, f"{name}.jpg")
+        if spec.shipped and args.check and not os.path.exists(thumbnail):
+            stale.append(f"{name}.jpg")
+    if not args.check:
+        for path in write_thumbnails(info):
             print("wrote", os.path.relpath(path, REPO))
     if stale:
         print(f"stale workflows (rerun `python scripts/make_workflows.py`): {stale}", file=sys.stderr)

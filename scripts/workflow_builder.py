@@ -15,7 +15,15 @@ from typing import Callable
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these even without the flag
-COLUMN_WIDTH = 400
+# Layout (LiteGraph units): nodes stand in columns, stacked top to bottom. A node's title bar is drawn
+# TITLE_HEIGHT above its `pos`, so the gaps below are between one node's bottom and the next one's title.
+TITLE_HEIGHT = 30
+COLUMN_GAP = 60  # between the widest node of a column and the next column
+ROW_GAP = 40  # between a node's bottom and the title bar of the node below it
+LEFT, TOP = 60, 80
+# Sizes the frontend (1.32) gives at least: slot rows and widget rows, multiline boxes, image previews.
+SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT = 26, 28, 140
+IMAGE_PREVIEW_HEIGHT = 240  # LoadImage draws the chosen image under its widgets
 
 
 class ModelFile(str):
@@ -91,6 +99,13 @@ class _Node:
     outputs: list = field(default_factory=list)
     widgets_values: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    column: int = 0
+
+
+def node_height(inputs: int, outputs: int, widget_rows: int, boxes: float) -> float:
+    """A node's body height (title bar excluded), at least what the frontend computes for it: the slot
+    rows (inputs and outputs side by side), one row per widget, a tall box per multiline text or image."""
+    return round(40 + SLOT_HEIGHT * max(inputs, outputs) + WIDGET_HEIGHT * widget_rows + MULTILINE_HEIGHT * boxes)
 
 
 class WorkflowBuilder:
@@ -104,10 +119,19 @@ class WorkflowBuilder:
         self.column_y: dict[int, float] = {}
         self.models: dict[str, dict[str, str]] = {}  # models folder -> {file name: kind}
 
-    def _place(self, column: int, height: float) -> list:
-        y = self.column_y.get(column, 80.0)
-        self.column_y[column] = y + height + 70
-        return [60 + column * COLUMN_WIDTH, y]
+    def _place(self, node: "_Node", column: int) -> None:
+        """Stack `node` under the last node of `column`; x is set in build(), once every column's width is known."""
+        y = self.column_y.get(column, float(TOP))
+        self.column_y[column] = y + node.size[1] + ROW_GAP + TITLE_HEIGHT
+        node.column = column
+        node.pos = [0, y]
+
+    def _column_x(self) -> dict[int, float]:
+        x, out = float(LEFT), {}
+        for column in sorted({n.column for n in self.nodes}):
+            out[column] = x
+            x += max(n.size[0] for n in self.nodes if n.column == column) + COLUMN_GAP
+        return out
 
     def add(self, node_type: str, column: int = 0, widgets: dict | None = None, title: str | None = None,
             width: float = 340) -> int:
@@ -121,7 +145,7 @@ class WorkflowBuilder:
         unknown = set(widgets) - known
         if unknown:
             raise SpecError(f"{self.name}: {node_type} has no widget {sorted(unknown)} (widgets: {sorted(known)})")
-        values, sockets, lines = [], [], 0
+        values, sockets, rows, boxes = [], [], 0, 0
         for name, kind, options in inputs:
             if not is_widget(kind, options):
                 sockets.append({"name": name, "type": kind, "link": None})
@@ -133,21 +157,28 @@ class WorkflowBuilder:
                 value = str(value)
             elif choices and value not in choices:
                 raise SpecError(f"{self.name}: {node_type}.{name} = {value!r} is not one of {choices}")
-            values += widget_slots(name, kind, options, value)
-            lines += 5 if (kind == "STRING" and options.get("multiline")) else 1
+            slots = widget_slots(name, kind, options, value)
+            values += slots
+            if kind == "STRING" and options.get("multiline"):
+                boxes += 1
+            else:
+                rows += len(slots)  # the value, then a seed's control or the upload button
+            if options.get("image_upload"):
+                boxes += IMAGE_PREVIEW_HEIGHT / MULTILINE_HEIGHT
         outputs = [{"name": out_name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [], "slot_index": i}
                    for i, (out_name, kind) in enumerate(zip(info["output_name"], info["output"]))]
-        height = 40 + 26 * max(len(sockets), len(outputs)) + 28 * lines
-        node = _Node(len(self.nodes) + 1, node_type, [0, 0], [width, height], title, widgets,
-                     sockets, outputs, values)
-        node.pos = self._place(column, height)
+        # the frontend widens a node to fit its title (about 7.5 px per character at the default font)
+        width = max(width, round(40 + 7.5 * len(title or info.get("display_name") or node_type)))
+        node = _Node(len(self.nodes) + 1, node_type, [0, 0], [width, node_height(len(sockets), len(outputs), rows, boxes)],
+                     title, widgets, sockets, outputs, values)
+        self._place(node, column)
         self.nodes.append(node)
         return node.id
 
     def note(self, text: str, column: int = 0, title: str = "Note", width: float = 340, height: float = 160) -> int:
         """A MarkdownNote (frontend-only: never part of the API prompt)."""
         node = _Node(len(self.nodes) + 1, "MarkdownNote", [0, 0], [width, height], title, {}, [], [], [text])
-        node.pos = self._place(column, height)
+        self._place(node, column)
         node.extra = {"color": "#432", "bgcolor": "#653"}
         self.nodes.append(node)
         return node.id
@@ -186,9 +217,9 @@ class WorkflowBuilder:
         raise SpecError(f"{self.name}: {node.type} has no input {input_name!r}")
 
     def build(self) -> dict:
-        nodes = []
+        nodes, column_x = [], self._column_x()
         for order, node in enumerate(self._execution_order()):
-            entry = {"id": node.id, "type": node.type, "pos": node.pos, "size": node.size, "flags": {},
+            entry = {"id": node.id, "type": node.type, "pos": [column_x[node.column], node.pos[1]], "size": node.size, "flags": {},
                      "order": order, "mode": 0, "inputs": node.inputs, "outputs": node.outputs,
                      "properties": {} if node.type == "MarkdownNote" else {"Node name for S&R": node.type},
                      "widgets_values": node.widgets_values}
@@ -233,6 +264,7 @@ class Workflow:
     outputs: tuple  # file extensions the run must write, e.g. (".png",)
     shipped: bool = True  # False: test-only (not written to workflows/)
     video_frames: int | None = None  # frames the written video must decode to (video workflows)
+    title: str = ""  # the template card's title (default: the file name)
 
 
 

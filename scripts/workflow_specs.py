@@ -131,7 +131,7 @@ def story_characters(b: WorkflowBuilder) -> None:
     sampler = b.add("KSampler", 3, {"seed": 43, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
     decode = b.add("VAEDecode", 3, title="VAE Decode (story run)")
     # page
-    panels = b.add("ImageBatch", 4, title="Batch Images (identity + story panels)")
+    panels = b.add("StoryDiffusionBatchImages", 4, title="Batch Images (identity + story panels)")
     page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
     save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_characters"})
     save_bank = b.add("StoryDiffusionSaveIdentityBank", 4, {"filename_prefix": "storydiffusion/story_characters_bank"})
@@ -177,7 +177,7 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
     photomaker = b.add("StoryDiffusionPhotoMakerLoader", 0, {"photomaker_name": PHOTOMAKER_FILE})
     photo_a = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_1.png", "photo")})
     photo_b = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_2.png", "photo")})
-    photos = b.add("ImageBatch", 1)
+    photos = b.add("StoryDiffusionBatchImages", 1)
     lora = b.add("StoryDiffusionPhotoMakerApplyLoRA", 1)
     character = b.add("StoryDiffusionPhotoMakerCharacter", 1, {"name": "Ann", "trigger_word": "img"})
     b.connect(photo_a, "IMAGE", photos, "image1")
@@ -234,12 +234,9 @@ def story_to_video(b: WorkflowBuilder) -> None:
     clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
     panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
               for i in range(VIDEO_PANELS)]
-    batch = panels[0]
-    for panel in panels[1:]:
-        joined = b.add("ImageBatch", 2)
-        b.connect(batch, "IMAGE", joined, "image1")
-        b.connect(panel, "IMAGE", joined, "image2")
-        batch = joined
+    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
+    for i, panel in enumerate(panels):
+        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
     pairs = b.add("StoryDiffusionPanelPairs", 2)
     motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
                    {"frames": VIDEO_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
@@ -252,7 +249,7 @@ def story_to_video(b: WorkflowBuilder) -> None:
     decode = b.add("VAEDecode", 5)
     video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 8.0, "overlap": 1})
     combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4", "filename_prefix": "storydiffusion/story_to_video"})
-    b.connect(batch, "IMAGE", pairs, "panels")
+    b.connect(batch, "images", pairs, "panels")
     b.connect(clip_vision, 0, motion, "clip_vision")
     b.connect(pairs, "start_images", motion, "start")
     b.connect(pairs, "end_images", motion, "end")
@@ -269,13 +266,20 @@ def story_to_video(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
+# Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
+# frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
 WORKFLOWS: dict[str, Workflow] = {
     "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
-    "comic_sd15": Workflow(comic_sd15, "Story -> Consistent Self-Attention -> KSampler -> comic page (SD1.5)", (".png",)),
-    "story_characters": Workflow(story_characters, "Two characters, [NC] panels, 12 panels, identity bank",
-                                 (".png",)),
-    "comic_sdxl_photomaker": Workflow(comic_sdxl_photomaker, "Reference photos -> PhotoMaker ID fuse + "
-                                      "Consistent Self-Attention (SDXL) -> comic page", (".png",)),
-    "story_to_video": Workflow(story_to_video, "Panels -> panel pairs -> semantic motion predictor -> per-frame "
-                               "IP-Adapter conditioning -> frames -> story video", (".mp4",), video_frames=VIDEO_FRAMES),
+    "comic_sd15": Workflow(
+        comic_sd15, "A four panel comic page from one story text: the same character in every panel (SD1.5).",
+        (".png",), title="Comic page (SD1.5)"),
+    "story_characters": Workflow(
+        story_characters, "Two characters over twelve panels, sampled in two small runs that share an identity "
+                          "bank, laid out on one page.", (".png",), title="Two characters, twelve panels"),
+    "comic_sdxl_photomaker": Workflow(
+        comic_sdxl_photomaker, "Your own character from reference photos (PhotoMaker), kept consistent across a "
+                               "comic strip (SDXL).", (".png",), title="Comic from photos (SDXL, PhotoMaker)"),
+    "story_to_video": Workflow(
+        story_to_video, "Story panels to a video: each pair of panels becomes a transition, joined into one mp4.",
+        (".mp4",), video_frames=VIDEO_FRAMES, title="Story panels to video"),
 }

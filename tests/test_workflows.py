@@ -326,7 +326,7 @@ def check_story_characters(server, prompt: dict, outputs: dict, files: list[str]
     assert prompt[_linked(prompt, read, "after")[0]] is identity_sampler
     # page = identity images then story images; ComicPage fails unless captions (one per story panel) and images agree
     page = next(n for n in prompt.values() if n["class_type"] == "StoryDiffusionComicPage")
-    batch = prompt[_linked(prompt, page, "images", "ImageBatch")[0]]
+    batch = prompt[_linked(prompt, page, "images", "StoryDiffusionBatchImages")[0]]
     assert _linked(prompt, page, "captions", "StoryDiffusionStory")[1] == 2
     for image, sampler in (("image1", identity_sampler), ("image2", story_sampler)):
         decode = prompt[_linked(prompt, batch, image, "VAEDecode")[0]]
@@ -334,7 +334,9 @@ def check_story_characters(server, prompt: dict, outputs: dict, files: list[str]
     pngs = [f for f in files if f.endswith(".png")]
     assert len(pngs) == 1, pngs  # 12 panels on one 3 x 4 grid page
     bank_files = [text for node in outputs.values() for text in node.get("text", []) if text.endswith(".safetensors")]
-    assert len(bank_files) == 1 and os.path.getsize(os.path.join(server.output_dir, bank_files[0])) > 0, outputs
+    # Save Identity Bank writes into models/storydiffusion, where Load Identity Bank lists it
+    assert len(bank_files) == 1, outputs
+    assert os.path.getsize(os.path.join(server.models_dir, "storydiffusion", bank_files[0])) > 0, outputs
 
 
 WORKFLOW_CHECKS = {"story_characters": check_story_characters}
@@ -417,3 +419,242 @@ def test_story_characters_runs_cover_every_panel_once_in_order(pack):
     assert make_workflows.specs.STORY_RUN_FIRST_PANEL == len(identity)
     assert len(story.panels) == 12 and len(story.identity_panels) == 2
     assert any(not panel.characters for panel in story.panels)  # [NC] panels
+
+
+DEPRECATED_CORE_NODES = {"ImageBatch"}  # deprecated in ComfyUI 0.8.0, whose replacement 0.3.75 lacks
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_workflow_uses_no_deprecated_node(comfy_nodes, name):
+    """No [DEPR] badge on either ComfyUI version: no class with DEPRECATED (V1) / is_deprecated (V3) here,
+    and none that later versions deprecate (core ImageBatch -> Batch Images (StoryDiffusion))."""
+    with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
+        types = {node["type"] for node in json.load(f)["nodes"]}
+    deprecated = set()
+    for node_type in types - {"MarkdownNote", "Note"}:
+        cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_type]
+        schema = getattr(cls, "GET_SCHEMA", None)
+        if getattr(cls, "DEPRECATED", False) or (schema is not None and getattr(schema(), "is_deprecated", False)):
+            deprecated.add(node_type)
+    assert not deprecated and not types & DEPRECATED_CORE_NODES, sorted(deprecated | (types & DEPRECATED_CORE_NODES))
+
+
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar this far above its pos
+
+
+def node_rect(pos, size, title_height: float = TITLE_HEIGHT) -> tuple:
+    """(left, top, right, bottom) of a node as drawn: the title bar above pos, the body below it."""
+    return pos[0], pos[1] - title_height, pos[0] + size[0], pos[1] + size[1]
+
+
+def overlapping_nodes(rects: dict) -> list:
+    """Pairs of node names whose rectangles share any area (edges touching is fine)."""
+    items = sorted(rects.items())
+    return [(a, b) for i, (a, ra) in enumerate(items) for b, rb in items[i + 1:]
+            if ra[0] < rb[2] and rb[0] < ra[2] and ra[1] < rb[3] and rb[1] < ra[3]]
+
+
+def _node_label(node: dict) -> str:
+    return f"{node['id']}:{node.get('title') or node['type']}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_workflow_nodes_do_not_overlap(name):
+    with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
+        nodes = json.load(f)["nodes"]
+    rects = {_node_label(n): node_rect(n["pos"], n["size"]) for n in nodes}
+    assert overlapping_nodes(rects) == []
+
+
+# Loads every shipped workflow in turn and reads each node's bounds as the frontend laid it out (it grows
+# a node to its computed minimum, e.g. LoadImage to fit the image preview, once the image has loaded).
+BOUNDS_PROBE = """
+const out = {};
+for (const [name, workflow] of Object.entries(WORKFLOWS)) {
+  await app.loadGraphData(workflow, true, true, name);
+  await new Promise((r) => setTimeout(r, 1500));
+  app.graph.setDirtyCanvas(true, true);
+  app.canvas.draw(true, true);
+  out[name] = app.graph._nodes.map((n) => {
+    const min = n.computeSize ? n.computeSize() : n.size;
+    return { id: n.id, label: `${n.id}:${n.title}`, pos: [...n.pos],
+             size: [Math.max(n.size[0], min[0]), Math.max(n.size[1], min[1])] };
+  });
+}
+return { title: window.LiteGraph.NODE_TITLE_HEIGHT, workflows: out };
+"""
+
+
+def run_probe(server, body: str, tmp_path, workflow_path: str | None = None, screenshot: str | None = None) -> dict:
+    """Run tests/browser/ui_probe.mjs: `body` is an async function body of (app, wf) run in the page."""
+    probe = tmp_path / "probe.js"
+    probe.write_text(body)
+    cmd = ["node", os.path.join(REPO, "tests", "browser", "ui_probe.mjs"), "--url", server.url, "--probe", str(probe),
+           "--chromium", CHROMIUM]
+    if workflow_path:
+        cmd += ["--workflow", workflow_path]
+    if screenshot:
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        cmd += ["--screenshot", os.path.join(ARTIFACTS, screenshot)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, f"browser probe failed:\n{done.stderr[-4000:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["page_errors"] == [], report["page_errors"]
+    return report["result"]
+
+
+def test_shipped_workflow_nodes_do_not_overlap_in_the_frontend(browser, ui_server, model_files, object_info, tmp_path):
+    workflows = {}
+    for name in SHIPPED:
+        model_files(make_workflows.make_builder(name, object_info).models)  # LoadImage previews need the files
+        with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
+            workflows[name] = json.load(f)
+    result = run_probe(ui_server, f"const WORKFLOWS = {json.dumps(workflows)};\n" + BOUNDS_PROBE, tmp_path)
+    assert result["title"] == TITLE_HEIGHT
+    overlaps = {}
+    for name, nodes in result["workflows"].items():
+        assert len(nodes) == len(workflows[name]["nodes"])
+        found = overlapping_nodes({n["label"]: node_rect(n["pos"], n["size"], result["title"]) for n in nodes})
+        if found:
+            overlaps[name] = found
+    assert overlaps == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pack's frontend extension (web/storydiffusion.js): widgets the node ignores are hidden or disabled
+
+WIDGETS_PROBE = """
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const settle = async () => { app.canvas.draw(true, true); await sleep(300); };
+const node = (type) => app.graph._nodes.find((n) => n.type === type);
+const state = (n, name) => {
+  const w = n.widgets.find((w) => w.name === name);
+  return { hidden: !!w.hidden, disabled: !!w.computedDisabled,
+           visible: w.element ? w.element.checkVisibility({ visibilityProperty: true, opacityProperty: true }) : null };
+};
+const out = {};
+await app.loadGraphData(WORKFLOWS.comic_sd15, true, true, 'comic_sd15');
+await settle();
+const page = node('StoryDiffusionComicPage'), csa = node('StoryDiffusionConsistentSelfAttention');
+out.captions_linked = state(page, 'captions');
+out.custom_layers_default = state(csa, 'custom_layers');
+const layers = csa.widgets.find((w) => w.name === 'layers');
+layers.value = 'custom list';
+layers.callback?.(layers.value, app.canvas, csa);  // what picking it in the combo menu does
+await settle();
+out.custom_layers_custom = state(csa, 'custom_layers');
+out.csa_fits = csa.size[1] >= csa.computeSize()[1];
+app.graph.removeLink(page.inputs.find((i) => i.name === 'captions').link);
+await settle();
+out.captions_unlinked = state(page, 'captions');
+await app.loadGraphData(WORKFLOWS.comic_sdxl_photomaker, true, true, 'comic_sdxl_photomaker');
+await settle();
+const fuse = node('StoryDiffusionPhotoMakerFuse');
+out.fuse_text_story_linked = state(fuse, 'text');
+out.fuse_trigger_without_images = state(fuse, 'trigger_word');
+out.character_trigger = state(node('StoryDiffusionPhotoMakerCharacter'), 'trigger_word');
+const photos = node('StoryDiffusionBatchImages');
+photos.connect(0, fuse, fuse.inputs.findIndex((i) => i.name === 'images'));
+app.graph.removeLink(fuse.inputs.find((i) => i.name === 'story').link);
+await settle();
+out.fuse_text_no_story = state(fuse, 'text');
+out.fuse_trigger_with_images = state(fuse, 'trigger_word');
+return out;
+"""
+
+
+def test_extension_hides_and_disables_ignored_widgets(browser, ui_server, model_files, object_info, tmp_path):
+    workflows = {}
+    for name in ("comic_sd15", "comic_sdxl_photomaker"):
+        model_files(make_workflows.make_builder(name, object_info).models)
+        with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
+            workflows[name] = json.load(f)
+    r = run_probe(ui_server, f"const WORKFLOWS = {json.dumps(workflows)};\n" + WIDGETS_PROBE, tmp_path,
+                  screenshot="widgets_probe.png")
+    # Comic Page: the linked captions box is not drawn (the frontend showed it empty); unlinked, it is back
+    assert r["captions_linked"]["hidden"] and r["captions_linked"]["visible"] is False, r
+    assert not r["captions_unlinked"]["hidden"] and r["captions_unlinked"]["visible"] is True, r
+    # Consistent Self-Attention: custom_layers only with layers = "custom list", and the node grows to show it
+    assert r["custom_layers_default"]["hidden"] and not r["custom_layers_custom"]["hidden"] and r["csa_fits"], r
+    # PhotoMaker Fuse: the prompt box is hidden while a story gives the prompts; trigger_word only with images
+    assert r["fuse_text_story_linked"]["hidden"] and r["fuse_text_story_linked"]["visible"] is False, r
+    assert not r["fuse_text_no_story"]["hidden"] and r["fuse_text_no_story"]["visible"] is True, r
+    assert r["fuse_trigger_without_images"]["disabled"] and not r["fuse_trigger_with_images"]["disabled"], r
+    # the character's trigger word (its owner) stays editable
+    assert not r["character_trigger"]["hidden"] and not r["character_trigger"]["disabled"], r
+
+
+# ---------------------------------------------------------------------------------------------------
+# template cards: a real description and a thumbnail of what the workflow makes
+
+
+def _colour_share(pixels: np.ndarray, colour, tolerance: int = 24) -> float:
+    return float((np.abs(pixels.astype(int) - np.array(colour)).max(axis=-1) <= tolerance).mean())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_template_thumbnail_is_the_rendered_page(object_info, name):
+    """workflows/<name>.jpg is the page (or video frame strips) story/comic.py draws from the flat numbered
+    placeholder panels, not a screenshot: same size as a fresh render, and every panel colour is on it."""
+    thumbnail = Image.open(os.path.join(REPO, "workflows", f"{name}.jpg")).convert("RGB")
+    expected = make_workflows.render_thumbnail(name, object_info)
+    assert thumbnail.size == expected.size and max(thumbnail.size) == make_workflows.THUMBNAIL_SIZE
+    pixels = np.asarray(thumbnail)
+    assert np.abs(pixels.astype(int) - np.asarray(expected).astype(int)).mean() < 4
+    plan = make_workflows.thumbnail_plan(name, object_info)
+    colours = plan["colours"] if plan["kind"] == "video" else plan["colours"][:len(plan["colours"])]
+    shown = [c for c in colours if _colour_share(pixels, c) > 0.004]
+    if plan["kind"] == "page" and plan["page"]["layout"] == "horizontal strip":
+        assert len(shown) == plan["page"]["columns"]  # the first page: one strip of `columns` panels
+    else:
+        assert shown == colours, (colours, shown)
+    if plan["kind"] == "page":  # the page's white ground
+        assert _colour_share(pixels, (255, 255, 255), 8) > 0.1
+
+
+def test_template_index_has_real_descriptions(ui_server):
+    """web/templates.json, served next to the extension, describes every shipped workflow in one line."""
+    served = ui_server.get(f"/extensions/{PACK_FOLDER}/templates.json")
+    assert served == make_workflows.template_index()
+    assert sorted(t["name"] for t in served["templates"]) == SHIPPED
+    for template in served["templates"]:
+        text = template["description"]
+        assert text and "\n" not in text and template["name"] not in text and len(text) > 40, template
+        assert "-" not in text and "_" not in text, f"the frontend turns - and _ into spaces: {text!r}"
+        assert template["title"] and template["title"] != template["name"]
+
+
+TEMPLATES_PROBE = """
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+let nav = null;
+for (let i = 0; i < 150 && !nav; i++) {
+  await sleep(200);
+  nav = [...document.querySelectorAll('.p-dialog *')].find((e) => e.children.length === 0 && (e.textContent || '').trim() === PACK);
+}
+if (!nav) return { error: 'no category for the pack in the template browser' };
+nav.click();
+await sleep(1500);
+const dialog = document.querySelector('.p-dialog');
+const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+const store = pinia._s.get('workflowTemplates');
+return {
+  text: dialog.innerText,
+  images: [...dialog.querySelectorAll('img')].map((i) => [i.naturalWidth, i.naturalHeight]),
+  templates: store.enhancedTemplates.filter((t) => t.sourceModule === PACK)
+    .map((t) => ({ name: t.name, title: t.title, description: t.description })),
+};
+"""
+
+
+def test_template_browser_shows_titles_descriptions_and_thumbnails(browser, ui_server, tmp_path):
+    r = run_probe(ui_server, f"const PACK = {json.dumps(PACK_FOLDER)};\n" + TEMPLATES_PROBE, tmp_path,
+                  screenshot="template_browser.png")
+    assert "error" not in r, r
+    expected = {t["name"]: t for t in make_workflows.template_index()["templates"]}
+    assert sorted(t["name"] for t in r["templates"]) == SHIPPED  # listed once each
+    for template in r["templates"]:
+        assert template == expected[template["name"]]
+        assert template["title"] in r["text"] and template["description"] in r["text"].replace("\n", " ")
+    sizes = sorted(Image.open(os.path.join(REPO, "workflows", f"{n}.jpg")).size for n in SHIPPED)
+    assert sorted(tuple(s) for s in r["images"]) == [tuple(s) for s in sizes]
