@@ -268,6 +268,74 @@ def story_to_video(b: WorkflowBuilder) -> None:
 
 # Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
 # frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
+# AnimateDiff-Evolved (ADE, another pack: Kosinkadink/ComfyUI-AnimateDiff-Evolved) drives the motion module; the
+# paper's stage-2 video model is SD1.5 + an AnimateDiff motion module. Its node ids, for the tests and the builder:
+ANIMATEDIFF_NODES = ("ADE_LoadAnimateDiffModel", "ADE_ApplyAnimateDiffModelSimple", "ADE_StandardStaticContextOptions",
+                     "ADE_UseEvolvedSampling")
+MOTION_MODULE_FILE = ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "motion_module_sd15_v2")
+ANIMATEDIFF_FRAMES_PER_TRANSITION = 16
+ANIMATEDIFF_CONTEXT_LENGTH = 16  # mm_sd_v15_v2 was trained on 16-frame clips
+ANIMATEDIFF_CONTEXT_OVERLAP = 4
+
+
+def story_to_video_animatediff(b: WorkflowBuilder) -> None:
+    """Panels -> pairs -> semantic motion predictor -> per-frame IP-Adapter conditioning -> AnimateDiff motion module
+    (ADE, sliding context windows) -> frames -> story video: the paper's video stack."""
+    b.note("## Story panels to video with AnimateDiff (SD1.5)\nThe paper's stage 2: the **Semantic Motion Predictor** "
+           "gives one CLIP embedding per frame between two panels, **Per-Frame Semantic Conditioning** makes latent "
+           "frame *j* follow embedding *j*, and an **AnimateDiff motion module** (AnimateDiff-Evolved nodes) makes the "
+           "frames move together. Transitions longer than the motion module's 16 frames are sampled in overlapping "
+           "**context windows**; frame *j* keeps embedding *j* in every window.\n\n"
+           "Needs the **ComfyUI-AnimateDiff-Evolved** pack. Files: an SD1.5 checkpoint, `mm_sd_v15_v2.ckpt` in "
+           "`models/animatediff_models`, `ip-adapter_sd15.safetensors` in `models/ipadapter`, CLIP vision ViT-H in "
+           "`models/clip_vision`.\n\n**Before a real run:** 512×512, 20+ steps.", 0, height=380)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
+    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
+              for i in range(VIDEO_PANELS)]
+    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
+    for i, panel in enumerate(panels):
+        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
+    pairs = b.add("StoryDiffusionPanelPairs", 2)
+    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
+                   {"frames": ANIMATEDIFF_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
+    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": IPADAPTER_SD15_FILE})
+    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    motion_model = b.add("ADE_LoadAnimateDiffModel", 4, {"model_name": MOTION_MODULE_FILE})
+    apply = b.add("ADE_ApplyAnimateDiffModelSimple", 4)
+    context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_CONTEXT_LENGTH,
+                                                             "context_overlap": ANIMATEDIFF_CONTEXT_OVERLAP})
+    evolved = b.add("ADE_UseEvolvedSampling", 4)
+    pos = b.add("CLIPTextEncode", 5, {"text": "a comic character walking through a rainy city, comic book style"})
+    neg = b.add("CLIPTextEncode", 5, {"text": "blurry, watermark, text"})
+    latent = b.add("EmptyLatentImage", 5, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 6, {"seed": 42, "steps": 2, "cfg": 5.0})
+    decode = b.add("VAEDecode", 6)
+    video = b.add("StoryDiffusionStoryVideo", 7, {"fps": 8.0, "overlap": 1})
+    combine = b.add("StoryDiffusionVideoCombine", 7, {"format": "mp4",
+                                                      "filename_prefix": "storydiffusion/story_to_video_animatediff"})
+    b.connect(batch, "images", pairs, "panels")
+    b.connect(clip_vision, 0, motion, "clip_vision")
+    b.connect(pairs, "start_images", motion, "start")
+    b.connect(pairs, "end_images", motion, "end")
+    b.connect(ckpt, "MODEL", per_frame, "model")
+    b.connect(ipadapter, 0, per_frame, "ipadapter")
+    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
+    b.connect(clip_vision, 0, per_frame, "clip_vision")
+    b.connect(motion_model, 0, apply, "motion_model")
+    b.connect(per_frame, "model", evolved, "model")
+    b.connect(apply, 0, evolved, "m_models")
+    b.connect(context, 0, evolved, "context_options")
+    b.connect(ckpt, "CLIP", pos, "clip")
+    b.connect(ckpt, "CLIP", neg, "clip")
+    b.connect(motion, "total_frames", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(evolved, 0), positive=(pos, 0),
+                      negative=(neg, 0), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, video, "segments")
+    b.connect(video, "frames", combine, "images")
+    b.connect(video, "fps", combine, "fps")
+
+
 WORKFLOWS: dict[str, Workflow] = {
     "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
     "comic_sd15": Workflow(
@@ -282,4 +350,9 @@ WORKFLOWS: dict[str, Workflow] = {
     "story_to_video": Workflow(
         story_to_video, "Story panels to a video: each pair of panels becomes a transition, joined into one mp4.",
         (".mp4",), video_frames=VIDEO_FRAMES, title="Story panels to video"),
+    # needs AnimateDiff-Evolved in the server that builds and runs it (tests/animatediff_fixtures.server_args);
+    # shipped=False until make_workflows.py / test_workflows.py start their server with ADE (see ANIMATEDIFF_NODES)
+    "story_to_video_animatediff": Workflow(story_to_video_animatediff, "Panels -> semantic motion predictor -> per-frame "
+                                           "IP-Adapter conditioning -> AnimateDiff motion module (context windows) -> "
+                                           "story video", (".mp4",), shipped=False),
 }

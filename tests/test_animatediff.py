@@ -235,3 +235,49 @@ def test_consistent_self_attention_under_context_windows_is_refused(comfy, comfy
     graph.sample(graph.ade_model(csa_node(graph, [graph.ckpt, 0]), motion_model_file, context=True), "refused")
     with pytest.raises(harness.PromptFailed, match=rf"attention batch \d+ does not match \d+ chunks of {FRAMES} panels"):
         graph.run(comfy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the workflow (scripts/workflow_specs.py: story_to_video_animatediff)
+
+
+def _make_workflows():
+    import importlib.util
+    import sys
+
+    if "make_workflows" not in sys.modules:
+        path = os.path.join(adf.REPO, "scripts", "make_workflows.py")
+        spec = importlib.util.spec_from_file_location("make_workflows", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_workflows"] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules["make_workflows"]
+
+
+def test_animatediff_workflow_builds_against_a_server_with_ade(ade, tmp_path, models_dir):
+    """A real `main.py --cpu` with this pack and ADE (loaded from a custom_nodes search path, for this server only):
+    every node, widget and link of the spec matches /object_info. The built JSON lands in
+    test-artifacts/workflows/ (workflows/ once the spec is shipped: then it must be up to date)."""
+    make_workflows = _make_workflows()
+    name = "story_to_video_animatediff"
+    server = harness.ComfyServer(str(tmp_path / "server"), str(models_dir), extra_args=adf.server_args(str(tmp_path)))
+    server.start()
+    try:
+        info = server.get("/object_info")
+    finally:
+        server.stop()
+    assert all(node in info for node in make_workflows.specs.ANIMATEDIFF_NODES), "ADE did not load in the server"
+    text = make_workflows.render(make_workflows.build_workflow(name, info))
+    workflow = __import__("json").loads(text)
+    types = [n["type"] for n in workflow["nodes"]]
+    for node in ("StoryDiffusionPerFrameSemanticConditioning", "ADE_UseEvolvedSampling", "KSampler",
+                 "StoryDiffusionStoryVideo", "StoryDiffusionVideoCombine"):
+        assert node in types
+    artifacts = os.path.join(adf.REPO, "test-artifacts", "workflows")
+    os.makedirs(artifacts, exist_ok=True)
+    with open(os.path.join(artifacts, f"{name}.json"), "w") as f:
+        f.write(text)
+    shipped = os.path.join(adf.REPO, "workflows", f"{name}.json")
+    if make_workflows.WORKFLOWS[name].shipped or os.path.exists(shipped):
+        with open(shipped) as f:
+            assert f.read() == text, f"workflows/{name}.json is stale: rebuild it from a server with ADE"
