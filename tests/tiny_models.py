@@ -228,42 +228,6 @@ def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-# SD1.5 at its real channel widths (320/640/1280/1280, two res blocks per level: AnimateDiff's motion modules
-# are built at these widths and injected after each res block), shallow: spatial transformers only at the
-# 320-wide level (input 1-2, output 9-11) and the middle block. context 768 like SD1.5.
-REAL_WIDTH_SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 0, 0, 0, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-    "num_heads": 8, "num_head_channels": -1,
-    # popped from the end: output blocks 9-11 (the 320-wide level) carry a transformer
-    "transformer_depth_output": [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
-
-def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
-    """Like write_checkpoint("sd15") but with SD1.5's real level widths and res-block layout (shallow
-    transformers): what AnimateDiff motion modules need. ~1.3 GB (fp16); write it once and cache it."""
-    import comfy.sd
-    import comfy.supported_models
-    import comfy.utils
-
-    config = comfy.supported_models.SD15(dict(REAL_WIDTH_SD15_UNET))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    init_weights(model.diffusion_model, seed)
-    clip = comfy.sd.CLIP(config.clip_target({}))
-    init_weights(clip.cond_stage_model, seed + 1)
-    vae = make_vae(seed + 2)
-    sd = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
-    del model
-    sd = {k: (v.half() if v.is_floating_point() and "position_ids" not in k else v).contiguous() for k, v in sd.items()}
-    comfy.utils.save_torch_file(sd, path)
-    return path
-
-
 def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     """Write a .safetensors checkpoint (UNet + full-size CLIP + VAE) in the original LDM key layout,
     using ComfyUI's own save path, so CheckpointLoaderSimple detects it as `family`."""
