@@ -5,10 +5,11 @@ its UNet. ComfyUI hands the replace q/k/v already projected, for all rows of one
 (chunks of B panels, in the order of `cond_or_uncond`); the replace maps rows to story panels,
 samples tokens, and calls attention/core.py with ComfyUI's own attention kernel.
 
-DiT models (Flux.1, Flux.2, Chroma) have no attn1 patches: `patch_model` installs an
-`optimized_attention_override` instead (chained to the one the MODEL had) plus a DIFFUSION_MODEL
-wrapper that records, per model call, how many text and image tokens the joint attention sees; the
-override calls attention/dit.py for the blocks the config selects (see "DiT models" below).
+DiT models (Flux.1, Flux.2, Chroma, SD3 / SD3.5, Qwen-Image, Lumina 2 / Z-Image, HiDream) have no attn1
+patches: `patch_model` installs an `optimized_attention_override` instead (chained to the one the MODEL
+had) plus a DIFFUSION_MODEL wrapper (SD3: "dit" block replaces) that records, per model call, where the
+image tokens of each joint attention sit and which block makes it; the override calls attention/dit.py
+for the blocks the config selects (see "DiT models" below).
 
 What lives where:
 - `CSAConfig` (immutable, in transformer_options[CONFIG_KEY]): the node's settings, the story, the
@@ -301,6 +302,8 @@ class BankWriteTap:
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         chunks, tokens, dim = len(kinds), context.shape[1], context.shape[-1]
         batch = context.shape[0] // chunks
+        if batch * chunks != context.shape[0] or batch != len(run.rows):
+            _context_window(run, batch, extra_options)  # explains the mismatch (AnimateDiff windows or not)
         rate = config.rate_high_res if layer in config.high_res_layers else config.rate
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(layer), run.rows)
         index = sampled.to(context.device)[None, :, :, None].expand(chunks, -1, -1, dim)
@@ -347,46 +350,102 @@ class LayerReplace:
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         chunks = len(kinds)
         batch = q.shape[0] // chunks
-        if batch * chunks != q.shape[0] or batch != len(run.rows):
+        rows, share = run.rows, run.share
+        if batch * chunks == q.shape[0] and batch != len(run.rows):
+            rows, share = _context_window(run, batch, extra_options)
+        if batch * chunks != q.shape[0] or batch != len(rows):
             raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
                              f"{len(run.rows)} panels (another node changed the batch?)")
         sigma = float(extra_options["sigmas"].flatten()[0])
         step = run.step_of(sigma)
         rate = config.rate_high_res if self.high_res else config.rate
         tokens = k.shape[1]
-        sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), run.rows)
+        sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), rows)
 
         if not config.schedule.active(step, sigma, self.layer):
             return self.plain(q, k, v, extra_options)
         bank = None
         if run.bank_reads is not None:
             bank = self.bank_tokens(config, run, step, kinds, tokens, k)
-        nothing_shared = sampled.shape[1] == 0 or not bool(run.share.any())
+        nothing_shared = sampled.shape[1] == 0 or not bool(share.any())
         if nothing_shared and (bank is None or not bool(bank.reads.any())):
             return self.plain(q, k, v, extra_options)
-        return core.consistent_attention(q, k, v, extra_options["n_heads"], chunks=chunks, share=run.share,
+        return core.consistent_attention(q, k, v, extra_options["n_heads"], chunks=chunks, share=share,
                                          sampled=sampled, window=config.window, bank=bank,
                                          attention=glue.comfy_attention(extra_options))
+
+
+def _context_window(run: RunState, batch: int, extra_options: dict) -> tuple:
+    """AnimateDiff-Evolved context windows: the call holds `batch` of the run's frames, whose absolute
+    indices ADE gives in ad_params["sub_idxs"]; frames share with the frames of their window."""
+    sub_idxs = (extra_options.get("ad_params") or {}).get("sub_idxs")
+    if sub_idxs is None or len(sub_idxs) != batch or max(sub_idxs) >= len(run.rows):
+        raise PatchError(f"StoryDiffusion: the attention call holds {batch} latents but the run has {len(run.rows)} "
+                         "panels, and no AnimateDiff context window says which: another node changed the batch?")
+    if run.writer is not None or run.bank_reads is not None:
+        raise PatchError("StoryDiffusion: the identity bank needs every panel in one model call; it does not work "
+                         "under AnimateDiff context windows (use context_length >= the frame count, or no bank)")
+    index = torch.as_tensor(list(sub_idxs), dtype=torch.long)
+    return tuple(run.rows[i] for i in sub_idxs), run.share[index][:, index]
 
 
 # ---------------------------------------------------------------------------------------------------
 # DiT models: the attention override and the token layout of a model call
 
 OVERRIDE_SLOT = "optimized_attention_override"  # ComfyUI's one override slot (wrap_attn, 0.3.60+)
-TOKENS_KEY = "storydiffusion_csa_tokens"  # per model call: (text tokens, image tokens) of the joint attention
+TOKENS_KEY = "storydiffusion_csa_tokens"  # per model call: (tokens before the image, image tokens) of the joint attention
+CALLS_KEY = "storydiffusion_csa_calls"  # per model call (or block): the AttentionCalls of families that name no blocks
+
+
+class AttentionCalls:
+    """The attention calls a model call (or one block) will make, in ComfyUI's code order, for families whose
+    blocks do not name themselves in transformer_options (SD3, Lumina 2 / Z-Image, HiDream).
+
+    Each entry: (layer key or None for an attention CSA never touches, tokens before the image tokens,
+    image tokens, total tokens of the call). The override takes one entry per call; a call whose token
+    count differs from the entry's means another patch added or changed attention calls, and is refused
+    rather than guessed."""
+
+    def __init__(self, family: str, calls: list):
+        self.family = family
+        self.calls = calls
+        self.at = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def next(self, tokens: int):
+        if self.at >= len(self.calls):
+            raise PatchError(f"StoryDiffusion: a {self.family} model call made more than the {len(self.calls)} attention "
+                             f"calls its blocks make (another patch adds attention?): cannot tell which block this is")
+        layer, before, image, expected = self.calls[self.at]
+        self.at += 1
+        if tokens != expected:
+            raise PatchError(f"StoryDiffusion: {self.family} attention call {self.at} attends over {tokens} tokens, not the "
+                             f"{expected} its block has (another patch changed the tokens?): cannot place the image tokens")
+        return layer, before, image
+
+
+def _patched_image_tokens(x: torch.Tensor, patch: int) -> int:
+    """Image tokens of a latent [.., H, W] cut into patch x patch patches after padding (common_dit.pad_to_patch_size)."""
+    h, w = x.shape[-2:]
+    return (-(-h // patch)) * (-(-w // patch))
 
 
 @dataclass(frozen=True)
 class DiTFamily:
-    """A DiT family whose joint attention the override understands.
+    """A DiT family whose joint attention the override understands (Flux.1, Flux.2, Chroma: the base class).
 
     options_position: where the model's `_forward` takes transformer_options among its positional args
-    (the DIFFUSION_MODEL wrapper sees them so). Default blocks: the later half of the network — the
-    double-stream blocks from the middle of the stack on, and every single-stream block — the DiT
-    counterpart of the UNet's output blocks, where the official code shares; a starting point, not tuned
-    on real weights (use "all blocks" or a custom list such as "double 10-18, single 0-37")."""
+    (the DIFFUSION_MODEL wrapper sees them so; None: in kwargs). Default blocks: the later half of the
+    network — the double-stream blocks from the middle of the stack on, and every single-stream block — the
+    DiT counterpart of the UNet's output blocks, where the official code shares; a starting point, not tuned
+    on real weights (use "all blocks" or a custom list such as "double 10-18, single 0-37").
+
+    Flux-like models set transformer_options block_type/block_index themselves and put the text tokens
+    first, then the image tokens, then reference-image tokens (never shared)."""
     name: str
-    options_position: int
+    options_position: Optional[int]
 
     def __deepcopy__(self, memo):
         return self
@@ -399,17 +458,158 @@ class DiTFamily:
         first_double = (len(model.double_blocks) + 1) // 2  # Flux.1: 19 double blocks -> 10-18
         return [key for key in self.blocks(model) if key[0] == "single" or key[1] >= first_double]
 
+    def call_options(self, model, args, kwargs) -> dict:
+        """What the DIFFUSION_MODEL wrapper adds to this model call's transformer_options.
+        Flux._forward(x, t, context, ...): text tokens = context's; image tokens = the latent's patches."""
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        return {TOKENS_KEY: (int(context.shape[1]), _patched_image_tokens(args[0], int(getattr(model, "patch_size", 2))))}
+
+    def install(self, patched, model):
+        """Anything besides the override and the DIFFUSION_MODEL wrapper (SD3: block replaces)."""
+
+
+@dataclass(frozen=True)
+class QwenImageFamily(DiTFamily):
+    """Qwen-Image: 60 double-stream blocks (transformer_blocks) that set block_type "double"/block_index
+    themselves; joint attention over [text, image, reference latents] like Flux (Attention.forward
+    concatenates txt then img; _forward appends ref_latents after the image). Its attention mask is always
+    None (the encoder mask is never passed to the kernel). Default: the later half, double 30-59."""
+
+    def blocks(self, model) -> list:
+        return [("double", i, 0) for i in range(len(model.transformer_blocks))]
+
+    def default_blocks(self, model) -> list:
+        first = len(model.transformer_blocks) // 2
+        return [key for key in self.blocks(model) if key[1] >= first]
+
+
+@dataclass(frozen=True)
+class LuminaFamily(DiTFamily):
+    """Lumina 2 / Z-Image (NextDiT): the caption refiner (text only) and noise refiner (image only) run first,
+    then `layers`, single-stream blocks over [caption (padded to pad_tokens_multiple), image tokens, image
+    padding]; the main layers' mask is always None (the caption mask reaches the caption refiner only). The
+    blocks name themselves nowhere, so the wrapper lists the attention calls a model call makes, in code
+    order: blocks are ("single", i) for layers[i]; the refiners are never shared. Default: the later half of
+    `layers` (Lumina 2: single 13-25, Z-Image: single 15-29)."""
+
+    def blocks(self, model) -> list:
+        return [("single", i, 0) for i in range(len(model.layers))]
+
+    def default_blocks(self, model) -> list:
+        first = len(model.layers) // 2
+        return [key for key in self.blocks(model) if key[1] >= first]
+
+    def call_options(self, model, args, kwargs) -> dict:
+        x = args[0]
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        multiple = getattr(model, "pad_tokens_multiple", None)
+        text = int(context.shape[1])
+        image = _patched_image_tokens(x, int(model.patch_size))
+        if multiple is not None:
+            text += (-text) % multiple
+            padding = (-image) % multiple
+        else:
+            padding = 0
+        calls = ([(None, 0, 0, text)] * len(model.context_refiner) + [(None, 0, 0, image + padding)] * len(model.noise_refiner)
+                 + [(("single", i, 0), text, image, text + image + padding) for i in range(len(model.layers))])
+        return {CALLS_KEY: AttentionCalls(self.name, calls)}
+
+
+@dataclass(frozen=True)
+class HiDreamFamily(DiTFamily):
+    """HiDream: double-stream then single-stream blocks over [image tokens, T5 tokens, Llama last layer,
+    Llama layer of the block] (image tokens FIRST; the text that follows is never shared). The blocks name
+    themselves nowhere, so the wrapper lists the attention calls (one per block, doubles then singles).
+    Image-token masks exist only for list inputs, never from _forward. HiDream E1 (image_cond) puts the
+    reference image beside the panel in one token grid and is refused. Default: like Flux, double blocks
+    from the middle on and every single block (HiDream-I1: double 8-15, single 0-31)."""
+
+    def blocks(self, model) -> list:
+        return ([("double", i, 0) for i in range(len(model.double_stream_blocks))]
+                + [("single", i, 0) for i in range(len(model.single_stream_blocks))])
+
+    def default_blocks(self, model) -> list:
+        first_double = len(model.double_stream_blocks) // 2
+        return [key for key in self.blocks(model) if key[0] == "single" or key[1] >= first_double]
+
+    def call_options(self, model, args, kwargs) -> dict:
+        # _forward(x, t, y, context, encoder_hidden_states_llama3, image_cond, control, transformer_options)
+        names = ("x", "t", "y", "context", "encoder_hidden_states_llama3", "image_cond")
+        value = {n: (args[i] if len(args) > i else kwargs.get(n)) for i, n in enumerate(names)}
+        if value["image_cond"] is not None:
+            raise PatchError("Consistent Self-Attention does not support HiDream E1 (edit) models: they put the reference "
+                             "image beside the panel in one token grid, so the panel's own image tokens cannot be told apart")
+        image = _patched_image_tokens(value["x"], int(model.patch_size))
+        llama = value["encoder_hidden_states_llama3"]
+        text = int(value["context"].shape[1]) + 2 * int(llama.shape[2])  # T5 + last Llama layer + the block's Llama layer
+        calls = [(key, 0, image, image + text) for key in self.blocks(model)]
+        return {CALLS_KEY: AttentionCalls(self.name, calls)}
+
+
+@dataclass(frozen=True)
+class SD3Family(DiTFamily):
+    """SD3 / SD3.5 (MMDiT): joint blocks over [registers + context (text), image tokens]. MMDiT has no
+    DIFFUSION_MODEL wrapper and names no blocks, so each joint block gets a "dit" double_block replace
+    (chained to one already there) that reads the exact text and image tokens entering the block and lists
+    its attention calls: the joint one ("double", i), then, on SD3.5 Medium's MMDiT-X blocks, the image-only
+    attn2, which is never shared. Default: the later half of the joint blocks (SD3.5 Large: double 19-37,
+    Medium: double 12-23)."""
+
+    def blocks(self, model) -> list:
+        return [("double", i, 0) for i in range(len(model.joint_blocks))]
+
+    def default_blocks(self, model) -> list:
+        first = len(model.joint_blocks) // 2
+        return [key for key in self.blocks(model) if key[1] >= first]
+
+    def install(self, patched, model):
+        replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for i, block in enumerate(model.joint_blocks):
+            inner = replaces.get(("double_block", i))
+            if isinstance(inner, SD3BlockLayout):  # patching an already patched model: replace ours, keep theirs
+                inner = inner.inner
+            attn2 = bool(getattr(block.x_block, "x_block_self_attn", False))
+            patched.set_model_patch_replace(SD3BlockLayout(self.name, i, attn2, inner), "dit", "double_block", i)
+
+
+class SD3BlockLayout:
+    """"dit" double_block replace of MMDiT joint block i: puts this block's AttentionCalls in (a copy of) its
+    transformer_options — text tokens = the txt entering the block (registers + context), image tokens = img —
+    and runs the block (or the replace that was there before)."""
+
+    def __init__(self, family: str, index: int, attn2: bool, inner=None):
+        self.family, self.index, self.attn2, self.inner = family, index, attn2, inner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args, extra):
+        options = args.get("transformer_options")
+        if isinstance(options, dict) and options.get(CONFIG_KEY) is not None and args.get("txt") is not None:
+            text, image = int(args["txt"].shape[1]), int(args["img"].shape[1])
+            calls = [(("double", self.index, 0), text, image, text + image)]
+            if self.attn2:
+                calls.append((None, 0, 0, image))
+            args = dict(args, transformer_options=dict(options, **{CALLS_KEY: AttentionCalls(self.family, calls)}))
+        if self.inner is not None:
+            return self.inner(args, extra)
+        return extra["original_block"](args)
+
 
 FLUX1 = DiTFamily("Flux.1", options_position=7)  # Flux._forward(x, t, context, y, guidance, ref_latents, control, options)
 FLUX2 = DiTFamily("Flux.2", options_position=7)  # the same model class (4 position axes, 1x1 patches of a packed latent)
 CHROMA = DiTFamily("Chroma", options_position=5)  # Chroma._forward(x, t, context, guidance, control, options)
-SUPPORTED_FAMILIES = "UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext), Flux.2 and Chroma"
+QWEN_IMAGE = QwenImageFamily("Qwen-Image", options_position=6)  # _forward(x, t, context, mask, guidance, ref_latents, options)
+LUMINA2 = LuminaFamily("Lumina 2", options_position=None)  # NextDiT._forward(x, t, context, num_tokens, mask, **kwargs)
+Z_IMAGE = LuminaFamily("Z-Image", options_position=None)  # the same NextDiT class (z_image_modulation)
+HIDREAM = HiDreamFamily("HiDream", options_position=7)
+SD3 = SD3Family("SD3", options_position=None)  # no DIFFUSION_MODEL wrapper: SD3BlockLayout replaces
+SUPPORTED_FAMILIES = ("UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext), Flux.2, "
+                      "SD3 / SD3.5, Qwen-Image, Lumina 2 / Z-Image, HiDream (not E1) and Chroma")
 
 # diffusion-model modules of DiTs we know but do not support yet -> the name users know them by
 _KNOWN_DITS = {
-    "comfy.ldm.chroma_radiance": "Chroma Radiance", "comfy.ldm.mmdit": "SD3 / SD3.5",
-    "comfy.ldm.modules.diffusionmodules.mmdit": "SD3 / SD3.5", "comfy.ldm.qwen_image": "Qwen-Image",
-    "comfy.ldm.lumina": "Lumina 2 / Z-Image", "comfy.ldm.hidream": "HiDream", "comfy.ldm.aura": "AuraFlow",
+    "comfy.ldm.chroma_radiance": "Chroma Radiance", "comfy.ldm.aura": "AuraFlow",
     "comfy.ldm.pixart": "PixArt", "comfy.ldm.hunyuan_dit": "Hunyuan-DiT",
     "comfy.ldm.wan": "Wan (video)", "comfy.ldm.hunyuan_video": "Hunyuan Video (video)",
     "comfy.ldm.lightricks": "LTX-Video (video)", "comfy.ldm.cosmos": "Cosmos (video)",
@@ -435,19 +635,32 @@ def dit_family(model_patcher) -> Optional[DiTFamily]:
         return None
     import comfy.ldm.chroma.model
     import comfy.ldm.flux.model
+    import comfy.ldm.hidream.model
+    import comfy.ldm.lumina.model
+    import comfy.ldm.modules.diffusionmodules.mmdit
+    import comfy.ldm.qwen_image.model
 
     if type(model) is comfy.ldm.flux.model.Flux:
         return FLUX1 if len(model.params.axes_dim) == 3 else FLUX2  # Flux.2 has 4 position axes
     if type(model) is comfy.ldm.chroma.model.Chroma:  # not Chroma Radiance (pixel space, other token layout)
         return CHROMA
+    if type(model) is comfy.ldm.qwen_image.model.QwenImageTransformer2DModel:
+        return QWEN_IMAGE
+    if type(model) is comfy.ldm.lumina.model.NextDiT:
+        z_image = float(getattr(model, "time_scale", 1.0)) != 1.0 or getattr(model, "pad_tokens_multiple", None) is not None
+        return Z_IMAGE if z_image else LUMINA2
+    if type(model) is comfy.ldm.hidream.model.HiDreamImageTransformer2DModel:
+        return HIDREAM
+    if type(model) is comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper:
+        return SD3
     return None
 
 
 class DiTTokenLayout:
-    """DIFFUSION_MODEL wrapper: records the text and image token counts of this model call in (a copy of)
-    its transformer_options, where the override reads them. Image tokens = the latent's patches
-    (padded to the patch size, as the model does); tokens after them (Kontext reference images) are not
-    panel tokens and are never shared."""
+    """DIFFUSION_MODEL wrapper: records, in (a copy of) this model call's transformer_options, where the image
+    tokens of each joint attention sit (family.call_options), where the override reads them. Image tokens =
+    the latent's patches (padded to the patch size, as the model does); tokens after them (Kontext reference
+    images, padding, HiDream's text) are not panel tokens and are never shared."""
 
     def __init__(self, family: DiTFamily):
         self.family = family
@@ -457,17 +670,12 @@ class DiTTokenLayout:
 
     def __call__(self, executor, *args, **kwargs):
         position = self.family.options_position
-        in_kwargs = "transformer_options" in kwargs
+        in_kwargs = "transformer_options" in kwargs or position is None
         options = kwargs.get("transformer_options") if in_kwargs else (args[position] if len(args) > position else None)
         if not isinstance(options, dict) or options.get(CONFIG_KEY) is None:
             return executor(*args, **kwargs)
-        x = args[0]
-        context = args[2] if len(args) > 2 else kwargs.get("context")
-        patch = int(getattr(executor.class_obj, "patch_size", 2))
-        h, w = x.shape[-2:]
-        image = ((h + patch // 2) // patch) * ((w + patch // 2) // patch)
         options = dict(options)
-        options[TOKENS_KEY] = (int(context.shape[1]), int(image))
+        options.update(self.family.call_options(executor.class_obj, args, kwargs))
         if in_kwargs:
             kwargs = dict(kwargs, transformer_options=options)
         else:
@@ -478,7 +686,11 @@ class DiTTokenLayout:
 class DiTAttentionOverride:
     """transformer_options["optimized_attention_override"]: CSA on the selected DiT blocks, plain attention
     elsewhere. `inner` is the override the MODEL had before (another pack's attention backend): every
-    attention we run goes through it, so it is never dropped."""
+    attention we run goes through it, so it is never dropped.
+
+    q/k/v come as [rows, heads, tokens, dim] (skip_reshape: Flux, Chroma, Qwen-Image, Lumina) or as
+    [rows, tokens, heads*dim] (SD3, HiDream; SD3's v is [rows, tokens, heads, dim]); the mask as the `mask`
+    keyword or the one positional argument after heads (optimized_attention_masked)."""
 
     def __init__(self, inner=None):
         self.inner = inner
@@ -491,42 +703,61 @@ class DiTAttentionOverride:
             return self.inner(func, *args, **kwargs)
         return func(*args, **kwargs)
 
+    @staticmethod
+    def locate(options: dict, tokens: int):
+        """(layer, tokens before the image, image tokens) of this call, or None when it is no panel's joint attention."""
+        calls: Optional[AttentionCalls] = options.get(CALLS_KEY)
+        if calls is not None:
+            return calls.next(tokens)
+        layout = options.get(TOKENS_KEY)
+        block_type, block_index = options.get("block_type"), options.get("block_index")
+        if layout is None or block_type is None or block_index is None:
+            return None
+        return (str(block_type), int(block_index), 0), layout[0], layout[1]
+
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         config: Optional[CSAConfig] = options.get(CONFIG_KEY)
         run: Optional[RunState] = options.get(RUN_KEY)
-        layout = options.get(TOKENS_KEY)
-        block_type, block_index = options.get("block_type"), options.get("block_index")
-        if (config is None or run is None or layout is None or block_type is None or block_index is None or args
-                or not kwargs.get("skip_reshape", False) or q.ndim != 4 or k.shape[2] != q.shape[2]):
+        skip = bool(kwargs.get("skip_reshape", False))
+        if config is None or run is None or len(args) > 1 or (q.ndim, skip) not in ((4, True), (3, False)):
             return self.attend(func, q, k, v, heads, *args, **kwargs)  # not a joint attention of a sampled panel batch
-        layer = (str(block_type), int(block_index), 0)
-        if layer not in config.layers:
-            return self.attend(func, q, k, v, heads, **kwargs)
+        tokens = k.shape[2] if skip else k.shape[1]
+        if (q.shape[2] if skip else q.shape[1]) != tokens:
+            return self.attend(func, q, k, v, heads, *args, **kwargs)
+        located = self.locate(options, int(tokens))
+        if located is None:
+            return self.attend(func, q, k, v, heads, *args, **kwargs)
+        layer, text, image = located
+        if layer is None or layer not in config.layers:
+            return self.attend(func, q, k, v, heads, *args, **kwargs)
         kinds = list(options.get("cond_or_uncond") or [0])
         chunks = len(kinds)
         batch = q.shape[0] // chunks
         if batch * chunks != q.shape[0] or batch != len(run.rows):
             raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
                              f"{len(run.rows)} panels (another node changed the batch?)")
-        text, image = layout
-        if text + image > k.shape[2]:
-            raise PatchError(f"StoryDiffusion: a {config.family} block attends over {k.shape[2]} tokens, fewer than the "
+        if text + image > tokens:
+            raise PatchError(f"StoryDiffusion: a {config.family} block attends over {tokens} tokens, fewer than the "
                              f"{text} text + {image} image tokens of the model call (another patch changed the tokens?)")
         sigma = float(options["sigmas"].flatten()[0])
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, layer):
-            return self.attend(func, q, k, v, heads, **kwargs)
+            return self.attend(func, q, k, v, heads, *args, **kwargs)
         sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), run.rows)
         if sampled.shape[1] == 0 or not bool(run.share.any()):
-            return self.attend(func, q, k, v, heads, **kwargs)
+            return self.attend(func, q, k, v, heads, *args, **kwargs)
+        mask = args[0] if args else kwargs.get("mask")
+        if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        rest = {key: value for key, value in kwargs.items() if key not in ("mask", "skip_reshape")}
 
-        def kernel(qq, kk, vv, mask):
-            return self.attend(func, qq, kk, vv, heads, **dict(kwargs, mask=mask))
+        def kernel(qq, kk, vv, panel_mask):
+            return self.attend(func, qq, kk, vv, heads, mask=panel_mask, skip_reshape=True, **rest)
 
         return dit.joint_consistent_attention(q, k, v, chunks=chunks, text_tokens=text, image_tokens=image,
                                               share=run.share, sampled=sampled, window=config.window,
-                                              mask=kwargs.get("mask"), attention=kernel)
+                                              mask=mask, attention=kernel)
 
 
 def _patch_dit(model, family: DiTFamily):
@@ -542,6 +773,7 @@ def _patch_dit(model, family: DiTFamily):
     wrappers = comfy.patcher_extension.WrappersMP
     patched.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, DiTTokenLayout(family))
+    family.install(patched, model.model.diffusion_model)
     return patched
 
 
@@ -565,7 +797,7 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
                 start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None):
     """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched).
 
-    UNets: attn1 replaces. DiTs (Flux.1, Flux.2, Chroma): the attention override; `rate_high_res` does not
+    UNets: attn1 replaces. DiTs (Flux.1, Flux.2, Chroma, SD3, Qwen-Image, Lumina 2 / Z-Image, HiDream): the attention override; `rate_high_res` does not
     apply (one rate for every block) and the "official" layer choice means the family's default blocks."""
     import comfy.patcher_extension
 

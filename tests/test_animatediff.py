@@ -226,15 +226,32 @@ def test_consistent_self_attention_composes_when_all_frames_are_one_window(comfy
     assert {length for length, _, _ in temporal_calls} == {CONTEXT_LENGTH}
 
 
-def test_consistent_self_attention_under_context_windows_is_refused(comfy, comfy_nodes, ade, motion_model_file,
-                                                                     real_width_checkpoint):
-    """With context windows ADE calls the model on a window of frames at a time, while CSA's run state maps the
-    whole latent batch (its panels): the run stops with CSA's batch-mismatch error instead of silently
-    sharing the wrong rows."""
+def test_consistent_self_attention_shares_inside_each_context_window(comfy, comfy_nodes, ade, motion_model_file,
+                                                                     real_width_checkpoint, monkeypatch):
+    """With context windows ADE calls the model on a window of frames at a time (absolute indices in
+    ad_params["sub_idxs"]): CSA maps the call's rows to those frames and shares among them only. An
+    identity bank needs every panel in one call and is refused there with a reason."""
+    import comfyui_storydiffusion.attention.comfy_adapter as csa
+
+    seen = []
+    real = csa._context_window
+    monkeypatch.setattr(csa, "_context_window", lambda run, batch, extra: seen.append(
+        tuple(extra["ad_params"]["sub_idxs"])) or real(run, batch, extra))
     graph = Graph(comfy_nodes, real_width_checkpoint)
-    graph.sample(graph.ade_model(csa_node(graph, [graph.ckpt, 0]), motion_model_file, context=True), "refused")
-    with pytest.raises(harness.PromptFailed, match=rf"attention batch \d+ does not match \d+ chunks of {FRAMES} panels"):
-        graph.run(comfy)
+    model = [graph.ckpt, 0]
+    graph.sample(graph.ade_model(model, motion_model_file, context=True), "ade")
+    graph.sample(graph.ade_model(csa_node(graph, model), motion_model_file, context=True), "ade_csa")
+    latents = graph.run(comfy)
+    assert torch.isfinite(latents["ade_csa"]).all()
+    assert (latents["ade_csa"] - latents["ade"]).abs().max() > 1e-3
+    assert set(seen) == {tuple(w) for w in windows()}
+
+    bank_graph = Graph(comfy_nodes, real_width_checkpoint)
+    write = bank_graph.add("StoryDiffusionIdentityBankWrite", model=csa_node(bank_graph, [bank_graph.ckpt, 0]),
+                           storage="cpu", dtype="fp16")
+    bank_graph.sample(bank_graph.ade_model([write, 0], motion_model_file, context=True), "bank")
+    with pytest.raises(harness.PromptFailed, match="does not work under AnimateDiff context windows"):
+        bank_graph.run(comfy)
 
 
 # ---------------------------------------------------------------------------------------------------
