@@ -59,7 +59,7 @@ class StoryDiffusionComicPage:
                 "captions": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "One caption per panel, one per line (blank line = no caption); connect the story "
-                               "node's captions. Leave empty for no captions."}),
+                               "node's captions. Leave empty for no captions. Hidden while linked."}),
                 "layout": (list(comic.LAYOUTS), {
                     "default": comic.LAYOUT_CLASSIC,
                     "tooltip": "grid: rows x columns; classic comic: cells holding one panel or two half-width "

@@ -58,7 +58,7 @@ class ConsistentSelfAttention:
                                                         "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index in an "
                                                         "SDXL stack). SD1.5: input 1,2,4,5,7,8, middle, output 3-11; SDXL: "
                                                         "input 4,5,7,8, middle, output 0-5. Flux.1/Chroma: 'double 10-18, "
-                                                        "single 0-37' (Flux.1 has double 0-18, single 0-37)."}),
+                                                        "single 0-37' (Flux.1 has double 0-18, single 0-37). Shown only when layers is 'custom list'."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Sharing starts at this fraction of the sampling (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,

@@ -63,7 +63,9 @@ class PhotoMakerCharacter:
                                                           "text ([Tom] …). Leave empty to use it for every prompt."}),
             "images": ("IMAGE", {"tooltip": "1..N photos of this one person (any size; resized and centre-cropped "
                                             "to 224 px). Each photo adds one copy of the class word."}),
-            "trigger_word": ("STRING", {"default": "img", "tooltip": TRIGGER_TOOLTIP}),
+            "trigger_word": ("STRING", {"default": "img", "tooltip": TRIGGER_TOOLTIP + " This node owns the trigger word "
+                                                                "of this person; PhotoMaker Fuse's trigger_word only "
+                                                                "applies to photos linked straight to its 'images'."}),
         }, "optional": {
             "characters": (CHARACTERS_TYPE, {"tooltip": "Characters bound so far (chain the nodes)."}),
         }}
@@ -98,7 +100,9 @@ class PhotoMakerFuse:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "a photo of a man img",
                                 "tooltip": "The prompt, with the trigger word right after the class word. Ignored "
                                            "when a story is connected (its panels are the prompts)."}),
-            "trigger_word": ("STRING", {"default": "img", "tooltip": TRIGGER_TOOLTIP + " Used with 'images'."}),
+            "trigger_word": ("STRING", {"default": "img", "tooltip": TRIGGER_TOOLTIP + " Only used with 'images' "
+                                                                "(disabled otherwise): PhotoMaker Character nodes carry "
+                                                                "their own trigger word."}),
             "start_merge": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Fraction of the steps that use the text-only prompt before the "
                                                  "fused one (PhotoMaker's start_merge_step / steps; its demo uses "
