@@ -1,6 +1,6 @@
 """Consistent Self-Attention on a DiT's joint attention, in plain torch.
 
-A DiT block (Flux, Chroma, ...) attends jointly over the text and image tokens of a panel:
+A DiT block (Flux, Chroma, SD3, Qwen-Image, Lumina 2, ...) attends jointly over the text and image tokens of a panel:
 q/k/v arrive as [rows, heads, tokens, dim_head] with the panel's text tokens first, then its
 image tokens, then anything else (Kontext reference-image tokens). StoryDiffusion on a DiT:
 
@@ -55,6 +55,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     q, k, v: [chunks*B, H, N, D]; row c*B+i is panel i of chunk c; tokens [text_tokens] text, then
         [image_tokens] image tokens, then N - text - image tokens that belong to the panel but are never shared.
+        text_tokens is where the image tokens start: HiDream, whose image tokens come first and its text after
+        them, passes 0 (its text then counts among the trailing, never shared tokens).
     share: [B, B] bool, share[i, j] = panel i may read panel j (the diagonal is ignored).
     sampled: [B, n] indices into the panel's image tokens (0 .. image_tokens-1) that the others read.
     window: 0 or >= B: one window over the batch; 0 < W < B: sliding windows of W consecutive panels,

@@ -231,3 +231,32 @@ def test_hidream_e1_and_the_identity_bank_are_refused(csa, models):
     for family in ("sd3", "qwen"):
         with pytest.raises(ValueError, match="identity bank works on UNet models"):
             csa.with_bank(patch(csa, model_of(models, family)), csa.MODE_WRITE, IdentityBank())
+
+
+def test_qwen_image_edit_reference_tokens_are_not_shared(csa, models):
+    """Qwen-Image Edit appends reference-latent tokens after the image tokens: a panel never shares them."""
+    import nodes
+
+    model = model_of(models, "qwen")
+    reference = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    seen = []
+
+    def recorder(func, q, k, v, heads, *args, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return func(q, k, v, heads, *args, **kwargs)
+
+    theirs = model.clone()
+    theirs.model_options["transformer_options"]["optimized_attention_override"] = recorder
+    positive, negative = tiny_dits.conds("qwen", 3)
+    for cond in (positive, negative):
+        cond[0][1]["reference_latents"] = [reference]
+    latent = {"samples": torch.zeros(3, 16, 8, 8)}
+
+    def run(m):
+        return nodes.KSampler().sample(m, 5, 2, 3.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    plain = run(model)
+    out = run(patch(csa, theirs, rate=1.0, layer_choice="all blocks"))
+    assert (out - plain).abs().max() > 1e-3 and torch.isfinite(out).all()
+    own = tiny_dits.TEXT + IMAGE + IMAGE  # text, image, reference image tokens
+    assert {(qn, kn) for qn, kn in seen} == {(own, own + 2 * IMAGE)}  # + the 16 image tokens of each other panel
