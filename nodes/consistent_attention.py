@@ -20,9 +20,9 @@ def _user_error(e: Exception) -> Exception:
 class ConsistentSelfAttention:
     DESCRIPTION = ("Patches a clone of the MODEL so the self-attention of every panel in a latent batch also reads tokens "
                    "sampled from the other panels (StoryDiffusion's Consistent Self-Attention): a KSampler with N latents "
-                   "and N prompts then draws the same character in every panel. The input MODEL is not changed. On Flux.1, Flux.2 and "
-                   "Chroma (DiTs) each panel's joint attention also reads sampled image tokens of the other panels; "
-                   "text tokens and Kontext reference tokens are never shared.")
+                   "and N prompts then draws the same character in every panel. The input MODEL is not changed. On DiTs (Flux.1, "
+                   "Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Lumina 2/Z-Image, HiDream I1) each panel's joint attention "
+                   "also reads sampled image tokens of the other panels; text and reference-image tokens are never shared.")
     CATEGORY = SUBCATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -34,31 +34,33 @@ class ConsistentSelfAttention:
         s = csa_schedule
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL UNet, or a Flux.1 (dev, schnell, Kontext), Flux.2 or Chroma DiT "
-                                               "model. It is cloned, never modified."}),
+                "model": ("MODEL", {"tooltip": "An SD1.5, SD2 or SDXL UNet, or a DiT: Flux.1 (dev, schnell, "
+                                               "Kontext), Flux.2, Chroma, SD3/SD3.5, Qwen-Image (and Edit), Lumina 2, "
+                                               "Z-Image or HiDream I1. It is cloned, never modified."}),
                 "rate": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Share of each panel's tokens the other panels read (paper: 0.5). "
                                               "0 turns sharing off; higher = more consistent, less varied, slower."}),
                 "rate_high_res": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Rate for the highest-resolution attention layers (official sa64 at "
                                                        "SDXL 1024px; 'rate' is sa32). Lower it to save memory/time on big images. "
-                                                       "Ignored on DiT models (Flux, Chroma): every block uses 'rate'."}),
+                                                       "Ignored on DiT models: every block uses 'rate'."}),
                 "window_size": ("INT", {"default": 0, "min": 0, "max": 256,
                                         "tooltip": "0: every panel reads all panels of the batch. W>0 smaller than the batch: "
                                                    "sliding windows of W consecutive panels, output averaged over the windows "
                                                    "(the paper's long-story mode); extra memory depends on W, not on the batch."}),
                 "layers": (list(s.LAYER_CHOICES), {"default": s.LAYERS_OUTPUT,
                                                    "tooltip": "Which self-attention layers share: the up/output blocks only "
-                                                              "(official), all blocks, or the custom list below. On Flux/"
-                                                              "Chroma 'official' means the later half of the network: "
-                                                              "double blocks from the middle on (Flux.1: 10-18) and every "
-                                                              "single block."}),
+                                                              "(official), all blocks, or the custom list below. On a DiT "
+                                                              "'official' means the later half of the network (Flux.1: "
+                                                              "double 10-18 + every single block; SD3.5 Large: double "
+                                                              "19-37; Qwen-Image: double 30-59; Z-Image: single 15-29)."}),
                 "custom_layers": ("STRING", {"default": "output 3-11", "multiline": False,
                                              "tooltip": "Used when layers is 'custom list': comma-separated entries like "
                                                         "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index in an "
                                                         "SDXL stack). SD1.5: input 1,2,4,5,7,8, middle, output 3-11; SDXL: "
-                                                        "input 4,5,7,8, middle, output 0-5. Flux.1/Chroma: 'double 10-18, "
-                                                        "single 0-37' (Flux.1 has double 0-18, single 0-37). Shown only when layers is 'custom list'."}),
+                                                        "input 4,5,7,8, middle, output 0-5. DiTs: 'double 10-18, single "
+                                                        "0-37' (Flux.1 has double 0-18, single 0-37; Lumina 2/Z-Image "
+                                                        "layers are 'single'). Shown only when layers is 'custom list'."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Sharing starts at this fraction of the sampling (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
