@@ -265,16 +265,30 @@ def flux_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: i
     return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
             "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 2.0, "num_heads": heads,
             "depth": depth, "depth_single_blocks": single, "axes_dim": [head_dim - 2 * third, third, third],
-            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed}
+            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed,
+            **_newer_flux_params(txt_ids_dims=[])}
+
+
+def _newer_flux_params(params: str = "flux", **values) -> dict:
+    """Parameter fields that newer ComfyUI versions require (0.8.0: txt_ids_dims, Chroma's vec_in_dim), only
+    where the installed version's FluxParams / ChromaParams has them."""
+    import dataclasses
+
+    if params == "chroma":
+        from comfy.ldm.chroma.model import ChromaParams as Params
+    else:
+        from comfy.ldm.flux.model import FluxParams as Params
+    names = {f.name for f in dataclasses.fields(Params)}
+    return {key: value for key, value in values.items() if key in names}
 
 
 def chroma_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: int = 2, context_dim: int = 16) -> dict:
     """Chroma layout (Flux blocks without per-block modulation, a distilled guidance approximator), small widths."""
     config = flux_unet_config(hidden, heads, depth, single, context_dim)
-    for key in ("vec_in_dim", "guidance_embed"):
-        config.pop(key)
+    for key in ("vec_in_dim", "guidance_embed", "txt_ids_dims"):
+        config.pop(key, None)
     config.update({"image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": hidden,
-                   "hidden_dim": 32, "n_layers": 1})
+                   "hidden_dim": 32, "n_layers": 1, **_newer_flux_params("chroma", txt_ids_dims=[], vec_in_dim=64)})
     return config
 
 
@@ -286,7 +300,7 @@ def flux2_unet_config(hidden: int = 64, heads: int = 2, depth: int = 2, single: 
     config.update({"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
                    "axes_dim": [quarter] * 4, "theta": 2000, "patch_size": 1, "qkv_bias": False,
                    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
-                   "default_ref_method": "index", "ref_index_scale": 10.0})
+                   "default_ref_method": "index", "ref_index_scale": 10.0, **_newer_flux_params(txt_ids_dims=[3])})
     return config
 
 
