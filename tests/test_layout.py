@@ -10,7 +10,7 @@ import comfy_env
 REPO = comfy_env.REPO
 ADAPTER = "comfy_adapter.py"
 # feature packages (plain torch + one adapter) and the shared glue package
-PACKAGES = ("attention", "identity", "story", "motion", "ipadapter", "video", "common")
+PACKAGES = ("attention", "identity", "story", "motion", "ipadapter", "video", "wan", "common")
 # top-level names that only exist inside a running ComfyUI
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "node_helpers",
                  "execution", "server", "latent_preview", "nodes", "app", "utils"}
