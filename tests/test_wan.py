@@ -233,3 +233,14 @@ def test_node_metadata_and_registration(pack):
     assert list(inputs) == ["model", "clip_vision_output", "strength"]
     assert all(spec[1]["tooltip"] for spec in inputs.values())
     assert inputs["strength"][1]["default"] == 0.5 and "training distribution" in inputs["strength"][1]["tooltip"]
+
+
+def test_conditioning_without_clip_vision_is_refused_when_sampling(flf_model, wan):
+    from comfyui_storydiffusion.wan.frames import WanSemanticsError
+
+    positive, negative = conditioning()
+    for cond in (positive, negative):
+        del cond[0][1]["clip_vision_output"]
+    patched = wan.apply_per_frame_semantics(flf_model, clip_output(predicted()), 0.5)
+    with pytest.raises(WanSemanticsError, match="no CLIP vision output"):
+        ksampler(patched, cond=(positive, negative))
