@@ -60,8 +60,9 @@ $pip install --quiet torch==2.14.1 torchvision==0.29.1
 # ComfyUI's own requirements, minus the torch family (pinned above; torchaudio is optional)
 grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$harness/comfy-req.txt"
 printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$harness/constraints.txt"
+# test-only: imageio-ffmpeg ships the ffmpeg binary that VideoHelperSuite needs (tests/test_interop.py)
 $pip install --quiet -c "$harness/constraints.txt" -r "$harness/comfy-req.txt" \
-  -r "$here/requirements.txt" requests pytest pytest-timeout
+  -r "$here/requirements.txt" requests pytest pytest-timeout imageio-ffmpeg
 
 mkdir -p "$comfy/custom_nodes"
 link="$comfy/custom_nodes/comfyui-storydiffusion"
