@@ -8,6 +8,13 @@ Also writes the template cards: web/templates.json (each workflow's title and on
 web/storydiffusion.js shows in the template browser) and workflows/<name>.jpg (what the workflow makes, drawn
 by story/comic.py from flat numbered placeholder panels).
 `--check` (used by tests/test_workflows.py) fails when a shipped file is stale.
+
+Workflows that need another pack's nodes (`Workflow.requires`, e.g. story_to_video_animatediff needs
+AnimateDiff-Evolved): the live server loads the unmodified ADE snapshot from ../shared/thirdparty when it is
+there (tests/animatediff_fixtures.server_args, that server only). Without it such a workflow cannot be built:
+rewriting fails (exit 1, the reason on stderr; the other workflows are still written, its own JSON and
+thumbnail are left as they are), while `--check` checks every other file and reports it as
+"not checked: <reason>" without failing, so CI without the snapshot stays green.
 """
 from __future__ import annotations
 
@@ -38,23 +45,57 @@ def build_workflow(name: str, object_info: dict) -> dict:
     return make_builder(name, object_info).build()
 
 
+def _tests_module(name: str):
+    """A helper module of tests/ (harness, animatediff_fixtures): scripts share the tests' server set-up."""
+    tests = os.path.join(REPO, "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def ade_missing_reason() -> str | None:
+    """Why the live server cannot load AnimateDiff-Evolved (None: the snapshot is there)."""
+    return _tests_module("animatediff_fixtures").snapshot_missing_reason()
+
+
 def live_object_info() -> dict:
-    """Start the harness ComfyUI (with this pack) on an empty models folder and read /object_info."""
+    """Start the harness ComfyUI (with this pack, and ADE when its snapshot is there) on an empty models folder
+    and read /object_info."""
     import tempfile
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import harness
-
+    harness = _tests_module("harness")
     with tempfile.TemporaryDirectory() as tmp:
         models = os.path.join(tmp, "models")
         for name in harness.MODEL_FOLDERS:
             os.makedirs(os.path.join(models, name))
-        server = harness.ComfyServer(os.path.join(tmp, "server"), models)
+        extra = ()
+        if ade_missing_reason() is None:
+            extra = _tests_module("animatediff_fixtures").server_args(os.path.join(tmp, "ade"))
+        server = harness.ComfyServer(os.path.join(tmp, "server"), models, extra_args=extra)
         server.start()
         try:
-            return server.get("/object_info")
+            info = server.get("/object_info")
         finally:
             server.stop()
+        if extra and not all(node in info for node in specs.ANIMATEDIFF_NODES):
+            print(f"AnimateDiff-Evolved did not load; the server's log ends:\n{server.read_log()[-3000:]}",
+                  file=sys.stderr)
+        return info
+
+
+def missing_requirements(name: str, object_info: dict) -> str | None:
+    """Why workflow `name` cannot be built from this /object_info (another pack's nodes are missing), or None."""
+    missing = [node for node in WORKFLOWS[name].requires if node not in object_info]
+    if not missing:
+        return None
+    reason = f"{name} needs nodes that are not installed ({', '.join(missing)})"
+    if any(node in specs.ANIMATEDIFF_NODES for node in missing):
+        why = ade_missing_reason() or ("the snapshot is there, so the /object_info used came from a server that "
+                                       "did not load it (--object-info file, or ADE failed to import)")
+        reason += f": ComfyUI-AnimateDiff-Evolved is missing: {why}"
+    return reason
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +233,7 @@ def write_thumbnails(object_info: dict) -> list[str]:
     """workflows/<name>.jpg (the name the template browser shows as the card image) for every shipped workflow."""
     written = []
     for name, spec in WORKFLOWS.items():
-        if spec.shipped:
+        if spec.shipped and missing_requirements(name, object_info) is None:
             dest = os.path.join(WORKFLOWS_DIR, f"{name}.jpg")
             render_thumbnail(name, object_info).save(dest, quality=90)
             written.append(dest)
@@ -210,9 +251,11 @@ def main(argv=None) -> int:
     else:
         info = live_object_info()
     stale = []
+    unavailable = {name: reason for name, spec in WORKFLOWS.items()
+                   if spec.shipped and (reason := missing_requirements(name, info))}
     os.makedirs(WORKFLOWS_DIR, exist_ok=True)
     for name, spec in WORKFLOWS.items():
-        if not spec.shipped:
+        if not spec.shipped or name in unavailable:
             continue
         text = render(build_workflow(name, info))
         path = os.path.join(WORKFLOWS_DIR, f"{name}.json")
@@ -241,10 +284,16 @@ def main(argv=None) -> int:
     if not args.check:
         for path in write_thumbnails(info):
             print("wrote", os.path.relpath(path, REPO))
+    for name, reason in unavailable.items():
+        if args.check:
+            print(f"not checked: workflows/{name}.json: {reason}", file=sys.stderr)
+        else:
+            print(f"error: cannot build workflows/{name}.json (left as it is, with its thumbnail): {reason}",
+                  file=sys.stderr)
     if stale:
         print(f"stale workflows (rerun `python scripts/make_workflows.py`): {stale}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if unavailable and not args.check else 0
 
 
 if __name__ == "__main__":

@@ -265,6 +265,9 @@ class Workflow:
     shipped: bool = True  # False: test-only (not written to workflows/)
     video_frames: int | None = None  # frames the written video must decode to (video workflows)
     title: str = ""  # the template card's title (default: the file name)
+    # node ids of other packs it needs (e.g. AnimateDiff-Evolved's): without them make_workflows.py cannot build
+    # it (`--check` reports it "not checked") and the tests that build or run it skip
+    requires: tuple = ()
 
 
 

@@ -266,16 +266,33 @@ def story_to_video(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
-# Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
-# frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
 # AnimateDiff-Evolved (ADE, another pack: Kosinkadink/ComfyUI-AnimateDiff-Evolved) drives the motion module; the
 # paper's stage-2 video model is SD1.5 + an AnimateDiff motion module. Its node ids, for the tests and the builder:
 ANIMATEDIFF_NODES = ("ADE_LoadAnimateDiffModel", "ADE_ApplyAnimateDiffModelSimple", "ADE_StandardStaticContextOptions",
                      "ADE_UseEvolvedSampling")
 MOTION_MODULE_FILE = ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "motion_module_sd15_v2")
+# The same public models as the other SD1.5 workflows, in the other format they are published in (full-precision
+# checkpoint, .bin IP-Adapter): the tests share one models folder between all workflows, and ADE injects its motion
+# modules at SD1.5's real widths, so this workflow's files must be a real-width checkpoint and an IP-Adapter sized to
+# it (tests/test_workflows.py MODEL_WRITERS), not the tiny `sd15` ones.
+ANIMATEDIFF_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly.safetensors", "sd15_real_width")
+ANIMATEDIFF_IPADAPTER_FILE = ModelFile("ipadapter", "ip-adapter_sd15.bin", "ipadapter_sd15_real_width")
+# what a real run uses: mm_sd_v15_v2 was trained on 16-frame clips, so 16-frame context windows overlapping by 4
 ANIMATEDIFF_FRAMES_PER_TRANSITION = 16
-ANIMATEDIFF_CONTEXT_LENGTH = 16  # mm_sd_v15_v2 was trained on 16-frame clips
+ANIMATEDIFF_CONTEXT_LENGTH = 16
 ANIMATEDIFF_CONTEXT_OVERLAP = 4
+# what the shipped file holds, so the browser test runs it on CPU: Panel Pairs gives a list, so each transition is
+# sampled on its own: 6 latent frames in 4-frame windows overlapping by 2 (0-3, 2-5), i.e. context windows are used
+ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION = 6
+ANIMATEDIFF_TEST_CONTEXT_LENGTH = 4
+ANIMATEDIFF_TEST_CONTEXT_OVERLAP = 2
+ANIMATEDIFF_VIDEO_FRAMES = (VIDEO_PANELS - 1) * ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+ANIMATEDIFF_SIZE_NOTE = (
+    f"**Before a real run:** Empty Latent Image 512×512, KSampler 20+ steps, Semantic Motion Predictor frames "
+    f"{ANIMATEDIFF_FRAMES_PER_TRANSITION}, Context Options context_length {ANIMATEDIFF_CONTEXT_LENGTH} and "
+    f"context_overlap {ANIMATEDIFF_CONTEXT_OVERLAP} (mm_sd_v15_v2 was trained on 16-frame clips). The file ships at "
+    f"64 px / 2 steps / {ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION} frames per transition in "
+    f"{ANIMATEDIFF_TEST_CONTEXT_LENGTH}-frame windows so CI can run it on tiny models.")
 
 
 def story_to_video_animatediff(b: WorkflowBuilder) -> None:
@@ -284,12 +301,12 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
     b.note("## Story panels to video with AnimateDiff (SD1.5)\nThe paper's stage 2: the **Semantic Motion Predictor** "
            "gives one CLIP embedding per frame between two panels, **Per-Frame Semantic Conditioning** makes latent "
            "frame *j* follow embedding *j*, and an **AnimateDiff motion module** (AnimateDiff-Evolved nodes) makes the "
-           "frames move together. Transitions longer than the motion module's 16 frames are sampled in overlapping "
+           "frames move together. Transitions longer than the motion module's context are sampled in overlapping "
            "**context windows**; frame *j* keeps embedding *j* in every window.\n\n"
            "Needs the **ComfyUI-AnimateDiff-Evolved** pack. Files: an SD1.5 checkpoint, `mm_sd_v15_v2.ckpt` in "
-           "`models/animatediff_models`, `ip-adapter_sd15.safetensors` in `models/ipadapter`, CLIP vision ViT-H in "
-           "`models/clip_vision`.\n\n**Before a real run:** 512×512, 20+ steps.", 0, height=380)
-    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+           "`models/animatediff_models`, the SD1.5 IP-Adapter (`ip-adapter_sd15.bin` or `.safetensors`) in "
+           "`models/ipadapter`, CLIP vision ViT-H in `models/clip_vision`.\n\n" + ANIMATEDIFF_SIZE_NOTE, 0, height=440)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": ANIMATEDIFF_CHECKPOINT})
     clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
     panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
               for i in range(VIDEO_PANELS)]
@@ -298,13 +315,13 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
         b.connect(panel, "IMAGE", batch, f"image{i + 1}")
     pairs = b.add("StoryDiffusionPanelPairs", 2)
     motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
-                   {"frames": ANIMATEDIFF_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
-    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": IPADAPTER_SD15_FILE})
+                   {"frames": ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
+    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": ANIMATEDIFF_IPADAPTER_FILE})
     per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
     motion_model = b.add("ADE_LoadAnimateDiffModel", 4, {"model_name": MOTION_MODULE_FILE})
     apply = b.add("ADE_ApplyAnimateDiffModelSimple", 4)
-    context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_CONTEXT_LENGTH,
-                                                             "context_overlap": ANIMATEDIFF_CONTEXT_OVERLAP})
+    context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_TEST_CONTEXT_LENGTH,
+                                                             "context_overlap": ANIMATEDIFF_TEST_CONTEXT_OVERLAP})
     evolved = b.add("ADE_UseEvolvedSampling", 4)
     pos = b.add("CLIPTextEncode", 5, {"text": "a comic character walking through a rainy city, comic book style"})
     neg = b.add("CLIPTextEncode", 5, {"text": "blurry, watermark, text"})
@@ -336,6 +353,8 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
+# Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
+# frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
 WORKFLOWS: dict[str, Workflow] = {
     "core_sd15": Workflow(core_sd15, "ComfyUI core nodes only (harness check)", (".png",), shipped=False),
     "comic_sd15": Workflow(
@@ -350,9 +369,11 @@ WORKFLOWS: dict[str, Workflow] = {
     "story_to_video": Workflow(
         story_to_video, "Story panels to a video: each pair of panels becomes a transition, joined into one mp4.",
         (".mp4",), video_frames=VIDEO_FRAMES, title="Story panels to video"),
-    # needs AnimateDiff-Evolved in the server that builds and runs it (tests/animatediff_fixtures.server_args);
-    # shipped=False until make_workflows.py / test_workflows.py start their server with ADE (see ANIMATEDIFF_NODES)
-    "story_to_video_animatediff": Workflow(story_to_video_animatediff, "Panels -> semantic motion predictor -> per-frame "
-                                           "IP-Adapter conditioning -> AnimateDiff motion module (context windows) -> "
-                                           "story video", (".mp4",), shipped=False),
+    # needs AnimateDiff-Evolved in the server that builds and runs it: make_workflows.py and tests/test_workflows.py
+    # load the snapshot in ../shared/thirdparty (tests/animatediff_fixtures.server_args) when it is there
+    "story_to_video_animatediff": Workflow(
+        story_to_video_animatediff, "Story panels to a moving video: an AnimateDiff motion module (AnimateDiff Evolved "
+                                    "pack) animates each transition between two panels, joined into one mp4.",
+        (".mp4",), video_frames=ANIMATEDIFF_VIDEO_FRAMES, title="Story panels to video (AnimateDiff)",
+        requires=ANIMATEDIFF_NODES),
 }

@@ -7,6 +7,11 @@ into test-artifacts/workflows/, and queues it with `app.queuePrompt` (the fronte
 graph-to-prompt conversion); the test then waits for the prompt and checks the files it wrote.
 
 Browser set-up: `bash scripts/setup_browser.sh` (Debian chromium + playwright-core in .harness/node).
+
+The server also loads AnimateDiff-Evolved (the unmodified snapshot in ../shared/thirdparty, see
+tests/animatediff_fixtures.py) when the snapshot is there: story_to_video_animatediff needs its nodes. Without
+the snapshot every test that builds, loads or runs that workflow skips with the reason; the tests that only read
+the shipped files (templates, thumbnails' presence, JSON layout) still count it, since its file ships either way.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import animatediff_fixtures
 import comfy_env
 import harness
 import tiny_models
@@ -56,6 +62,14 @@ def _load_make_workflows():
 
 make_workflows = _load_make_workflows()
 SHIPPED = sorted(name for name, wf in make_workflows.WORKFLOWS.items() if wf.shipped)
+
+
+def skip_unless_buildable(name: str, object_info: dict) -> None:
+    """Skip (with make_workflows' reason, e.g. the ADE snapshot is missing) when the server lacks a node the
+    workflow needs from another pack (`Workflow.requires`)."""
+    reason = make_workflows.missing_requirements(name, object_info)
+    if reason:
+        pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,14 +110,28 @@ def _prepare_user_dir(user_dir: str) -> None:
 FAST_CPU_ARGS = ("--fp32-text-enc",)
 
 
+def ade_server_args(root, models) -> tuple:
+    """main.py arguments that load AnimateDiff-Evolved into this server only, with the test models folder's
+    animatediff_models next to the others; () when the snapshot is missing."""
+    if animatediff_fixtures.snapshot_missing_reason():
+        return ()
+    (models / animatediff_fixtures.MOTION_FOLDER).mkdir(parents=True, exist_ok=True)
+    motion_paths = root / "ade_model_paths.yaml"
+    motion_paths.write_text(f"animatediff_tests:\n    base_path: {models}\n"
+                            f"    {animatediff_fixtures.MOTION_FOLDER}: {animatediff_fixtures.MOTION_FOLDER}/\n")
+    return (*animatediff_fixtures.server_args(str(root / "ade")), "--extra-model-paths-config", str(motion_paths))
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
-    """A `main.py --cpu` ComfyUI with the pack, its own models folder and a prepared user folder."""
+    """A `main.py --cpu` ComfyUI with the pack (and ADE when its snapshot is there), its own models folder and a
+    prepared user folder."""
     root = tmp_path_factory.mktemp("workflow_server")
     models = root / "models"
     for name in harness.MODEL_FOLDERS:
         (models / name).mkdir(parents=True)
-    server = harness.ComfyServer(str(root / "server"), str(models), extra_args=FAST_CPU_ARGS)
+    server = harness.ComfyServer(str(root / "server"), str(models),
+                                 extra_args=FAST_CPU_ARGS + ade_server_args(root, models))
     _prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
@@ -136,15 +164,24 @@ def model_files(ui_server, tmp_path_factory):
         if kind in ("sd15", "sdxl"):
             os.link(checkpoint(kind), path)  # same file, no second copy
             return
+        if kind in CACHED_FILES:
+            os.symlink(CACHED_FILES[kind](), path)  # cached across runs in .harness/cache
+            return
         writer = MODEL_WRITERS.get(kind)
         if writer is None:
             pytest.skip(f"no tiny-file writer for model kind {kind!r} (needed for {os.path.basename(path)})")
         writer(path, checkpoint)
 
+    kinds: dict[tuple, str] = {}  # (folder, name) -> the kind written under that name
+
     def ensure(models: dict) -> None:
         for folder, files in models.items():
             root = ui_server.input_dir if folder == "input" else os.path.join(ui_server.models_dir, folder)
+            os.makedirs(root, exist_ok=True)
             for name, kind in files.items():
+                # one models folder serves every workflow: a name must mean one kind of file
+                assert kinds.setdefault((folder, name), kind) == kind, \
+                    f"{folder}/{name} is referenced as {kinds[(folder, name)]!r} and as {kind!r}: give one a new name"
                 path = os.path.join(root, name)
                 if not os.path.exists(path):
                     write(kind, path)
@@ -160,6 +197,22 @@ def _write_photomaker(path: str, checkpoint) -> None:
 def _write_ipadapter_sd15(path: str, checkpoint) -> None:
     """A plain IP-Adapter reading ViT-L image embeddings, one to_k_ip/to_v_ip per attn2 of the SD1.5 file."""
     workflow_fixtures.write_sd15_ipadapter(path, checkpoint("sd15"))
+
+
+def _write_ipadapter_sd15_real_width(path: str, checkpoint) -> None:
+    """The same plain IP-Adapter for the real-width SD1.5 checkpoint of the AnimateDiff workflow (its cross-attention
+    widths 320 x 5 + 1280 at context 768), as a .bin (torch pickle) like the public ip-adapter_sd15.bin."""
+    workflow_fixtures.write_sd15_ipadapter(path, animatediff_fixtures.cached_real_width_checkpoint())
+
+
+def _cached_motion_module_ckpt() -> str:
+    """The random full-width mm_sd_v15_v2 as a `.ckpt` (torch pickle: ComfyUI reads a file by its extension, and the
+    public file is mm_sd_v15_v2.ckpt), converted once from animatediff_fixtures.cached_motion_module()."""
+    import torch
+    from safetensors.torch import load_file
+
+    return animatediff_fixtures._cached("mm_sd_v15_v2_random_seed0_v1.ckpt", lambda p: torch.save(
+        load_file(animatediff_fixtures.cached_motion_module()), p))
 
 
 def _write_clip_vision_vit_l(path: str, checkpoint) -> None:
@@ -183,7 +236,11 @@ def _write_panel(path: str, checkpoint=None) -> None:
 
 
 MODEL_WRITERS = {"photomaker": _write_photomaker, "ipadapter_sd15": _write_ipadapter_sd15,
+                 "ipadapter_sd15_real_width": _write_ipadapter_sd15_real_width,
                  "clip_vision_vit_l": _write_clip_vision_vit_l, "photo": _write_reference_photo, "panel": _write_panel}
+# big files written once per machine (.harness/cache) and linked in: what AnimateDiff needs (tests/animatediff_fixtures.py)
+CACHED_FILES = {"sd15_real_width": animatediff_fixtures.cached_real_width_checkpoint,
+                "motion_module_sd15_v2": _cached_motion_module_ckpt}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,6 +310,7 @@ def check_outputs(server, outputs: dict, extensions: tuple) -> list[str]:
 def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: str | None,
                  tmp_path) -> tuple[dict, dict, list[str]]:
     """(the browser report, the prompt's outputs, the files they name)."""
+    skip_unless_buildable(name, object_info)
     builder = make_workflows.make_builder(name, object_info)
     model_files(builder.models)
     if workflow_path is None:  # test-only workflow: built on the fly
@@ -339,7 +397,29 @@ def check_story_characters(server, prompt: dict, outputs: dict, files: list[str]
     assert os.path.getsize(os.path.join(server.models_dir, "storydiffusion", bank_files[0])) > 0, outputs
 
 
-WORKFLOW_CHECKS = {"story_characters": check_story_characters}
+def check_story_to_video_animatediff(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """The KSampler samples through ADE (Evolved Sampling over the per-frame conditioned model, the motion module,
+    static context windows shorter than a transition), and ADE did slide its windows over every transition."""
+    specs = make_workflows.specs
+    sampler = next(node for node in prompt.values() if node["class_type"] == "KSampler")
+    evolved = prompt[_linked(prompt, sampler, "model", "ADE_UseEvolvedSampling")[0]]
+    _linked(prompt, evolved, "model", "StoryDiffusionPerFrameSemanticConditioning")
+    apply = prompt[_linked(prompt, evolved, "m_models", "ADE_ApplyAnimateDiffModelSimple")[0]]
+    loader = prompt[_linked(prompt, apply, "motion_model", "ADE_LoadAnimateDiffModel")[0]]
+    assert loader["inputs"]["model_name"] == specs.MOTION_MODULE_FILE
+    context = prompt[_linked(prompt, evolved, "context_options", "ADE_StandardStaticContextOptions")[0]]["inputs"]
+    latent = prompt[_linked(prompt, sampler, "latent_image", "EmptyLatentImage")[0]]
+    motion = prompt[_linked(prompt, latent, "batch_size", "StoryDiffusionSemanticMotionPredictor")[0]]
+    frames = motion["inputs"]["frames"]
+    assert context["context_length"] < frames, "the test workflow should sample in more than one context window"
+    log = server.read_log()
+    assert f"Sliding context window sampling activated - latents passed in ({frames}) greater than context_length " \
+           f"{context['context_length']}" in log, log[-3000:]
+    assert f"Using motion module {specs.MOTION_MODULE_FILE}" in log, log[-3000:]
+
+
+WORKFLOW_CHECKS = {"story_characters": check_story_characters,
+                   "story_to_video_animatediff": check_story_to_video_animatediff}
 
 
 def decoded_frame_count(path: str) -> int:
@@ -375,6 +455,7 @@ def test_shipped_workflow_loads_and_runs_in_browser(browser, ui_server, model_fi
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_workflow_matches_installed_nodes(object_info, name):
     """widgets_values are positional: a node that gained or lost an input makes the file stale."""
+    skip_unless_buildable(name, object_info)
     with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
         shipped = f.read()
     assert shipped == make_workflows.render(make_workflows.build_workflow(name, object_info)), \
@@ -383,6 +464,8 @@ def test_shipped_workflow_matches_installed_nodes(object_info, name):
 
 def test_workflows_are_served_as_templates_with_thumbnails(ui_server):
     listed = ui_server.get("/workflow_templates")
+    # every shipped file, ADE or not: ComfyUI serves workflows/ whatever is installed (without ADE the
+    # AnimateDiff template still opens, with its nodes shown as missing)
     assert sorted(listed.get(PACK_FOLDER, [])) == SHIPPED
     for name in SHIPPED:
         served = ui_server.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
@@ -425,13 +508,19 @@ DEPRECATED_CORE_NODES = {"ImageBatch"}  # deprecated in ComfyUI 0.8.0, whose rep
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_workflow_uses_no_deprecated_node(comfy_nodes, name):
+def test_shipped_workflow_uses_no_deprecated_node(comfy_nodes, name, request):
     """No [DEPR] badge on either ComfyUI version: no class with DEPRECATED (V1) / is_deprecated (V3) here,
-    and none that later versions deprecate (core ImageBatch -> Batch Images (StoryDiffusion))."""
+    and none that later versions deprecate (core ImageBatch -> Batch Images (StoryDiffusion)). Other packs'
+    nodes (not loaded in-process): the server's /object_info says whether they are deprecated."""
     with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
         types = {node["type"] for node in json.load(f)["nodes"]}
     deprecated = set()
-    for node_type in types - {"MarkdownNote", "Note"}:
+    third_party = types - {"MarkdownNote", "Note"} - set(comfy_nodes.NODE_CLASS_MAPPINGS)
+    if third_party:
+        object_info = request.getfixturevalue("object_info")
+        skip_unless_buildable(name, object_info)
+        deprecated |= {t for t in third_party if object_info[t].get("deprecated")}
+    for node_type in types - {"MarkdownNote", "Note"} - third_party:
         cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_type]
         schema = getattr(cls, "GET_SCHEMA", None)
         if getattr(cls, "DEPRECATED", False) or (schema is not None and getattr(schema(), "is_deprecated", False)):
@@ -506,6 +595,8 @@ def run_probe(server, body: str, tmp_path, workflow_path: str | None = None, scr
 def test_shipped_workflow_nodes_do_not_overlap_in_the_frontend(browser, ui_server, model_files, object_info, tmp_path):
     workflows = {}
     for name in SHIPPED:
+        if make_workflows.missing_requirements(name, object_info):
+            continue  # another pack's nodes are missing (ADE snapshot): the frontend would draw placeholders
         model_files(make_workflows.make_builder(name, object_info).models)  # LoadImage previews need the files
         with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
             workflows[name] = json.load(f)
@@ -596,6 +687,7 @@ def _colour_share(pixels: np.ndarray, colour, tolerance: int = 24) -> float:
 def test_template_thumbnail_is_the_rendered_page(object_info, name):
     """workflows/<name>.jpg is the page (or video frame strips) story/comic.py draws from the flat numbered
     placeholder panels, not a screenshot: same size as a fresh render, and every panel colour is on it."""
+    skip_unless_buildable(name, object_info)
     thumbnail = Image.open(os.path.join(REPO, "workflows", f"{name}.jpg")).convert("RGB")
     expected = make_workflows.render_thumbnail(name, object_info)
     assert thumbnail.size == expected.size and max(thumbnail.size) == make_workflows.THUMBNAIL_SIZE
