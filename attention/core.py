@@ -67,6 +67,19 @@ def sample_panel_tokens(num_tokens: int, rate: float, seed: int, step: int, laye
     return torch.stack([sample_tokens(num_tokens, rate, seed, step, layer, p) for p in panels])
 
 
+def panel_plan(share: torch.Tensor, sampled: torch.Tensor, panels: int, window: int):
+    """Checked inputs of a consistent attention call: (share without the diagonal, sampled indices on the
+    CPU, the windows of panels: one over the batch, or the paper's sliding windows of W panels, stride 1)."""
+    if share.shape != (panels, panels) or sampled.shape[0] != panels:
+        raise ValueError(f"share {tuple(share.shape)} / sampled {tuple(sampled.shape)} do not match {panels} panels")
+    share = share.to(torch.bool).cpu() & ~torch.eye(panels, dtype=torch.bool)
+    if window <= 0 or window >= panels:
+        windows = [range(panels)]
+    else:
+        windows = [range(s, s + window) for s in range(panels - window + 1)]
+    return share, sampled.to(torch.long).cpu(), windows
+
+
 @dataclass(frozen=True)
 class BankTokens:
     """Tokens read from an identity bank for one layer call.
@@ -104,14 +117,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         raise ValueError(f"{total} attention rows do not split into {chunks} chunks")
     panels = total // chunks
     tk = k.shape[1]
-    if share.shape != (panels, panels) or sampled.shape[0] != panels:
-        raise ValueError(f"share {tuple(share.shape)} / sampled {tuple(sampled.shape)} do not match {panels} panels")
-    share = share.to(torch.bool).cpu() & ~torch.eye(panels, dtype=torch.bool)
-    sampled = sampled.to(torch.long).cpu()
-    if window <= 0 or window >= panels:
-        windows = [range(panels)]
-    else:
-        windows = [range(s, s + window) for s in range(panels - window + 1)]
+    share, sampled, windows = panel_plan(share, sampled, panels, window)
 
     # [chunks, B, tokens, D] views (no copy for the contiguous tensors ComfyUI passes)
     q4 = q.reshape(chunks, panels, tq, dim)

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .core import panel_plan
+
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
 JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -72,16 +74,9 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     panels = total // chunks
     if text_tokens < 0 or image_tokens <= 0 or text_tokens + image_tokens > k.shape[2]:
         raise ValueError(f"{k.shape[2]} key tokens cannot hold {text_tokens} text + {image_tokens} image tokens")
-    if share.shape != (panels, panels) or sampled.shape[0] != panels:
-        raise ValueError(f"share {tuple(share.shape)} / sampled {tuple(sampled.shape)} do not match {panels} panels")
     if sampled.numel() and int(sampled.max()) >= image_tokens:
         raise ValueError(f"sampled token index {int(sampled.max())} is past the {image_tokens} image tokens")
-    share = share.to(torch.bool).cpu() & ~torch.eye(panels, dtype=torch.bool)
-    sampled = sampled.to(torch.long).cpu()
-    if window <= 0 or window >= panels:
-        windows = [range(panels)]
-    else:
-        windows = [range(s, s + window) for s in range(panels - window + 1)]
+    share, sampled, windows = panel_plan(share, sampled, panels, window)
 
     q4 = q.reshape(chunks, panels, heads, tokens, dim)
     k4 = k.reshape(chunks, panels, heads, k.shape[2], dim)

@@ -220,6 +220,34 @@ VIDEO_FRAMES_PER_TRANSITION = 4
 VIDEO_FRAMES = (VIDEO_PANELS - 1) * VIDEO_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
 
 
+def panels_to_per_frame_model(b: WorkflowBuilder, checkpoint: ModelFile, ipadapter_file: ModelFile,
+                              frames_per_transition: int):
+    """The shared front of the video workflows: checkpoint + CLIP vision, the panels in story order, Panel Pairs,
+    the Semantic Motion Predictor and Per-frame Semantic Conditioning on the checkpoint's MODEL.
+    Returns (checkpoint loader, motion predictor, per-frame conditioning) node ids."""
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": checkpoint})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
+    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
+              for i in range(VIDEO_PANELS)]
+    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
+    for i, panel in enumerate(panels):
+        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
+    pairs = b.add("StoryDiffusionPanelPairs", 2)
+    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
+                   {"frames": frames_per_transition, "embeddings": "pooled"})
+    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": ipadapter_file})
+    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    b.connect(batch, "images", pairs, "panels")
+    b.connect(clip_vision, 0, motion, "clip_vision")
+    b.connect(pairs, "start_images", motion, "start")
+    b.connect(pairs, "end_images", motion, "end")
+    b.connect(ckpt, "MODEL", per_frame, "model")
+    b.connect(ipadapter, 0, per_frame, "ipadapter")
+    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
+    b.connect(clip_vision, 0, per_frame, "clip_vision")  # plus/full-face adapters: black-image uncond
+    return ckpt, motion, per_frame
+
+
 def story_to_video(b: WorkflowBuilder) -> None:
     """Panels -> panel pairs -> semantic motion predictor -> per-frame IP-Adapter conditioning -> frames -> video."""
     b.note("## Story panels to video (SD1.5 + IP-Adapter)\nLoad your panels in order (e.g. from a comic run). "
@@ -230,18 +258,8 @@ def story_to_video(b: WorkflowBuilder) -> None:
            "model (ViT-H) in `models/clip_vision`. A trained predictor (Motion Predictor Loader) can be connected "
            "to **predictor**; unconnected = training-free interpolation.\n\n"
            "**Before a real run:** 512×512, 25+ steps, 16 frames per transition.", 0, height=340)
-    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
-    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
-    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
-              for i in range(VIDEO_PANELS)]
-    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
-    for i, panel in enumerate(panels):
-        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
-    pairs = b.add("StoryDiffusionPanelPairs", 2)
-    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
-                   {"frames": VIDEO_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
-    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": IPADAPTER_SD15_FILE})
-    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    ckpt, motion, per_frame = panels_to_per_frame_model(b, SD15_CHECKPOINT, IPADAPTER_SD15_FILE,
+                                                        VIDEO_FRAMES_PER_TRANSITION)
     pos = b.add("CLIPTextEncode", 4, {"text": "a comic character walking through a rainy city, comic book style"})
     neg = b.add("CLIPTextEncode", 4, {"text": "blurry, watermark, text"})
     latent = b.add("EmptyLatentImage", 4, {"width": TEST_SIZE, "height": TEST_SIZE})
@@ -249,13 +267,6 @@ def story_to_video(b: WorkflowBuilder) -> None:
     decode = b.add("VAEDecode", 5)
     video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 8.0, "overlap": 1})
     combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4", "filename_prefix": "storydiffusion/story_to_video"})
-    b.connect(batch, "images", pairs, "panels")
-    b.connect(clip_vision, 0, motion, "clip_vision")
-    b.connect(pairs, "start_images", motion, "start")
-    b.connect(pairs, "end_images", motion, "end")
-    b.connect(ckpt, "MODEL", per_frame, "model")
-    b.connect(ipadapter, 0, per_frame, "ipadapter")
-    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
     b.connect(ckpt, "CLIP", pos, "clip")
     b.connect(ckpt, "CLIP", neg, "clip")
     b.connect(motion, "total_frames", latent, "batch_size")
@@ -306,18 +317,8 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
            "Needs the **ComfyUI-AnimateDiff-Evolved** pack. Files: an SD1.5 checkpoint, `mm_sd_v15_v2.ckpt` in "
            "`models/animatediff_models`, the SD1.5 IP-Adapter (`ip-adapter_sd15.bin` or `.safetensors`) in "
            "`models/ipadapter`, CLIP vision ViT-H in `models/clip_vision`.\n\n" + ANIMATEDIFF_SIZE_NOTE, 0, height=440)
-    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": ANIMATEDIFF_CHECKPOINT})
-    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
-    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
-              for i in range(VIDEO_PANELS)]
-    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
-    for i, panel in enumerate(panels):
-        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
-    pairs = b.add("StoryDiffusionPanelPairs", 2)
-    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
-                   {"frames": ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION, "embeddings": "pooled"})
-    ipadapter = b.add("StoryDiffusionIPAdapterLoader", 3, {"ipadapter_file": ANIMATEDIFF_IPADAPTER_FILE})
-    per_frame = b.add("StoryDiffusionPerFrameSemanticConditioning", 3)
+    ckpt, motion, per_frame = panels_to_per_frame_model(b, ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_IPADAPTER_FILE,
+                                                        ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION)
     motion_model = b.add("ADE_LoadAnimateDiffModel", 4, {"model_name": MOTION_MODULE_FILE})
     apply = b.add("ADE_ApplyAnimateDiffModelSimple", 4)
     context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_TEST_CONTEXT_LENGTH,
@@ -331,14 +332,6 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
     video = b.add("StoryDiffusionStoryVideo", 7, {"fps": 8.0, "overlap": 1})
     combine = b.add("StoryDiffusionVideoCombine", 7, {"format": "mp4",
                                                       "filename_prefix": "storydiffusion/story_to_video_animatediff"})
-    b.connect(batch, "images", pairs, "panels")
-    b.connect(clip_vision, 0, motion, "clip_vision")
-    b.connect(pairs, "start_images", motion, "start")
-    b.connect(pairs, "end_images", motion, "end")
-    b.connect(ckpt, "MODEL", per_frame, "model")
-    b.connect(ipadapter, 0, per_frame, "ipadapter")
-    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
-    b.connect(clip_vision, 0, per_frame, "clip_vision")
     b.connect(motion_model, 0, apply, "motion_model")
     b.connect(per_frame, "model", evolved, "model")
     b.connect(apply, 0, evolved, "m_models")
