@@ -81,3 +81,18 @@ def write_orbit_videos(folder: str, count: int = 8, frames: int = 24, size: int 
 def image_batch(frames: list[np.ndarray]) -> torch.Tensor:
     """uint8 RGB frames -> a ComfyUI IMAGE [N, H, W, 3] in 0..1."""
     return torch.from_numpy(np.stack(frames)).float() / 255.0
+
+
+class TinyClipVisionNode:
+    """Test-only node: the in-process tiny CLIP_VISION (ComfyUI only loads full-size files)."""
+
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "make"
+    CATEGORY = "tests"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def make(self, seed):
+        return (make_clip_vision(seed=seed),)

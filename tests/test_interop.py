@@ -27,21 +27,6 @@ POOLED_DIM = 24  # pooled image_embeds width of motion_fixtures' tiny CLIP visio
 # test-only nodes
 
 
-class InteropTinyClipVision:
-    """Test-only node: the in-process tiny CLIP_VISION (ComfyUI only loads full-size files)."""
-
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "make"
-    CATEGORY = "tests"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0})}}
-
-    def make(self, seed):
-        return (motion_fixtures.make_clip_vision(seed=seed),)
-
-
 class InteropCapturePairs:
     """Test-only output node: hands a frame batch and Panel Pairs' outputs (lists) back to the test."""
 
@@ -65,7 +50,7 @@ class InteropCapturePairs:
 
 @pytest.fixture(scope="module")
 def test_nodes(comfy_nodes):
-    added = {"InteropTinyClipVision": InteropTinyClipVision, "InteropCapturePairs": InteropCapturePairs,
+    added = {"InteropTinyClipVision": motion_fixtures.TinyClipVisionNode, "InteropCapturePairs": InteropCapturePairs,
              "TestFrameEmbeddings": fx.TestFrameEmbeddingsNode}
     missing = [k for k in added if k not in comfy_nodes.NODE_CLASS_MAPPINGS]
     comfy_nodes.NODE_CLASS_MAPPINGS.update(added)

@@ -10,21 +10,6 @@ import motion_fixtures
 EMBED_DIM, TOKENS, POOLED_DIM = 32, 17, 24  # the tiny CLIP vision model of motion_fixtures
 
 
-class TinyClipVisionForTests:
-    """Test-only node: the in-process tiny CLIP_VISION (ComfyUI only loads full-size files)."""
-
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "make"
-    CATEGORY = "tests"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0})}}
-
-    def make(self, seed):
-        return (motion_fixtures.make_clip_vision(seed=seed),)
-
-
 class CaptureForTests:
     """Test-only output node: hands the predictor's outputs back to the test."""
 
@@ -46,7 +31,7 @@ class CaptureForTests:
 
 @pytest.fixture(scope="module")
 def test_nodes(comfy_nodes):
-    added = {"TinyClipVisionForTests": TinyClipVisionForTests, "CaptureForTests": CaptureForTests}
+    added = {"TinyClipVisionForTests": motion_fixtures.TinyClipVisionNode, "CaptureForTests": CaptureForTests}
     comfy_nodes.NODE_CLASS_MAPPINGS.update(added)
     yield
     for name in added:
