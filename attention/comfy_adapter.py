@@ -205,10 +205,18 @@ class RunState:
         return self.step if self.step is not None else step_index(sigma, self.sample_sigmas)
 
     def roles_of(self, kinds) -> list:
-        if any(int(k) >= len(self.roles) for k in kinds):
-            raise PatchError(f"StoryDiffusion: a model call has chunks {list(kinds)} but the guider has "
-                             f"{len(self.roles)} ({', '.join(self.roles)})")
-        return [self.roles[int(k)] for k in kinds]
+        return glue.role_names(self.roles, kinds)
+
+    def rows_of_call(self, rows_in_call: int, chunks: int, extra_options: dict) -> tuple:
+        """(story panel of each latent row, share mask) for a call with `rows_in_call` attention rows: the
+        whole run, or the frames of an AnimateDiff context window; anything else is an error."""
+        batch = rows_in_call // chunks
+        if batch * chunks == rows_in_call and batch == len(self.rows):
+            return self.rows, self.share
+        if batch * chunks == rows_in_call:
+            return _context_window(self, batch, extra_options)
+        raise PatchError(f"StoryDiffusion: attention batch {rows_in_call} does not split into {chunks} chunks of "
+                         f"{len(self.rows)} panels (another node changed the batch?)")
 
 
 def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = glue.CFG_ROLES) -> RunState:
@@ -301,9 +309,8 @@ class BankWriteTap:
             return n, context, value  # no read will ask for this step and layer
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         chunks, tokens, dim = len(kinds), context.shape[1], context.shape[-1]
-        batch = context.shape[0] // chunks
-        if batch * chunks != context.shape[0] or batch != len(run.rows):
-            _context_window(run, batch, extra_options)  # explains the mismatch (AnimateDiff windows or not)
+        run.rows_of_call(context.shape[0], chunks, extra_options)  # a write needs the whole run in one call
+        batch = len(run.rows)
         rate = config.rate_high_res if layer in config.high_res_layers else config.rate
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(layer), run.rows)
         index = sampled.to(context.device)[None, :, :, None].expand(chunks, -1, -1, dim)
@@ -349,13 +356,7 @@ class LayerReplace:
             return self.plain(q, k, v, extra_options)
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         chunks = len(kinds)
-        batch = q.shape[0] // chunks
-        rows, share = run.rows, run.share
-        if batch * chunks == q.shape[0] and batch != len(run.rows):
-            rows, share = _context_window(run, batch, extra_options)
-        if batch * chunks != q.shape[0] or batch != len(rows):
-            raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
-                             f"{len(run.rows)} panels (another node changed the batch?)")
+        rows, share = run.rows_of_call(q.shape[0], chunks, extra_options)
         sigma = float(extra_options["sigmas"].flatten()[0])
         step = run.step_of(sigma)
         rate = config.rate_high_res if self.high_res else config.rate
@@ -731,12 +732,8 @@ class DiTAttentionOverride:
         layer, text, image = located
         if layer is None or layer not in config.layers:
             return self.attend(func, q, k, v, heads, *args, **kwargs)
-        kinds = list(options.get("cond_or_uncond") or [0])
-        chunks = len(kinds)
-        batch = q.shape[0] // chunks
-        if batch * chunks != q.shape[0] or batch != len(run.rows):
-            raise PatchError(f"StoryDiffusion: attention batch {q.shape[0]} does not match {chunks} chunks of "
-                             f"{len(run.rows)} panels (another node changed the batch?)")
+        chunks = len(options.get("cond_or_uncond") or [0])
+        rows, share = run.rows_of_call(q.shape[0], chunks, options)
         if text + image > tokens:
             raise PatchError(f"StoryDiffusion: a {config.family} block attends over {tokens} tokens, fewer than the "
                              f"{text} text + {image} image tokens of the model call (another patch changed the tokens?)")
@@ -744,8 +741,8 @@ class DiTAttentionOverride:
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, layer):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
-        sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), run.rows)
-        if sampled.shape[1] == 0 or not bool(run.share.any()):
+        sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), rows)
+        if sampled.shape[1] == 0 or not bool(share.any()):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
         mask = args[0] if args else kwargs.get("mask")
         if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
@@ -756,7 +753,7 @@ class DiTAttentionOverride:
             return self.attend(func, qq, kk, vv, heads, mask=panel_mask, skip_reshape=True, **rest)
 
         return dit.joint_consistent_attention(q, k, v, chunks=chunks, text_tokens=text, image_tokens=image,
-                                              share=run.share, sampled=sampled, window=config.window,
+                                              share=share, sampled=sampled, window=config.window,
                                               mask=mask, attention=kernel)
 
 

@@ -13,6 +13,7 @@ import os
 from typing import Callable, Iterable, Optional
 
 from .attention import AttentionFn
+from .errors import StoryDiffusionError
 from .sigmas import SigmaWindow, check_percents
 
 
@@ -96,14 +97,18 @@ def chunk_roles(guider) -> tuple:
     return CFG_ROLES
 
 
+def role_names(roles: tuple, kinds) -> list:
+    """The role of each chunk index in `kinds` (a call's cond_or_uncond) for a guider whose chunks are `roles`."""
+    kinds = [int(k) for k in kinds]
+    if any(k >= len(roles) for k in kinds):
+        raise StoryDiffusionError(f"StoryDiffusion: a model call has chunks {kinds} but the guider has {len(roles)} "
+                                  f"({', '.join(roles)}); use KSampler, CFGGuider, BasicGuider or DualCFGGuider")
+    return [roles[k] for k in kinds]
+
+
 def roles_of_call(extra_options: dict) -> list:
     """The role of each chunk of this model call (per-run roles set by `with_chunk_roles`, CFG otherwise)."""
-    roles = extra_options.get(ROLES_KEY) or CFG_ROLES
-    kinds = list(extra_options.get("cond_or_uncond") or [0])
-    if any(int(k) >= len(roles) for k in kinds):
-        raise ValueError(f"StoryDiffusion: a model call has chunks {kinds} but the guider has {len(roles)} "
-                         f"({', '.join(roles)}); use KSampler, CFGGuider, BasicGuider or DualCFGGuider")
-    return [roles[int(k)] for k in kinds]
+    return role_names(extra_options.get(ROLES_KEY) or CFG_ROLES, extra_options.get("cond_or_uncond") or [0])
 
 
 def _roles_wrapper(executor, *args, **kwargs):

@@ -137,6 +137,20 @@ def test_embeddings_of_another_width_are_refused(flf_model, wan):
         wan.apply_per_frame_semantics(flf_model, clip_output(torch.zeros(9, 257, 1024)), 0.5)
 
 
+def test_another_packs_forward_patch_is_refused_not_dropped(flf_model, wan):
+    """The per-frame forward replaces WanI2VCrossAttention.forward whole, so it cannot chain another node's
+    object patch of it: it says so. Applying the node twice replaces its own patch."""
+    from comfyui_storydiffusion.wan.frames import WanSemanticsError
+
+    embeds = clip_output(torch.zeros(9, 257, 1280))
+    twice = wan.apply_per_frame_semantics(wan.apply_per_frame_semantics(flf_model, embeds, 0.5), embeds, 0.7)
+    assert "diffusion_model.blocks.0.cross_attn.forward" in twice.object_patches
+    foreign = flf_model.clone()
+    foreign.add_object_patch("diffusion_model.blocks.0.cross_attn.forward", lambda *a, **k: None)
+    with pytest.raises(WanSemanticsError, match="cannot stack with it"):
+        wan.apply_per_frame_semantics(foreign, embeds, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # strength 0: plain FLF2V, bit-identical
 

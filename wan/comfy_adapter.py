@@ -146,7 +146,13 @@ def apply_per_frame_semantics(model, clip_vision_output, strength: float, instal
     patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
     patched.add_wrapper_with_key(kind, WRAPPER_KEY, PerFrameWrapper(embeddings, float(strength)))
     for i in blocks:
+        key = f"diffusion_model.blocks.{i}.cross_attn.forward"
+        previous = patched.object_patches.get(key)
+        if previous is not None and getattr(previous, "__func__", None) is not per_frame_cross_attention_forward:
+            # ours replaces the whole forward: another pack's replacement could not run, so say so instead
+            raise WanSemanticsError("another node already replaced Wan's image cross-attention (an object patch on "
+                                    f"blocks.{i}.cross_attn.forward): Wan Per-frame Semantics cannot stack with it; "
+                                    "apply it to the MODEL before that node, or leave one of them out.")
         module = model.get_model_object(f"diffusion_model.blocks.{i}.cross_attn")
-        patched.add_object_patch(f"diffusion_model.blocks.{i}.cross_attn.forward",
-                                 types.MethodType(per_frame_cross_attention_forward, module))
+        patched.add_object_patch(key, types.MethodType(per_frame_cross_attention_forward, module))
     return patched
