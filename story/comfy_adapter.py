@@ -10,6 +10,18 @@ They are brought to a common length by *tiling* each cond (a 77-token cond becom
 repeating itself), never by appending other tokens: cross-attention over keys/values that are all
 duplicated the same number of times is exactly the same softmax average, so every panel still
 attends to what it would alone. ComfyUI's own CONDCrossAttn.concat pads the same way.
+
+That argument holds for CLIP conds (77-token chunks) feeding UNet cross-attention only. The DiT
+families' token-level encoders (T5-XXL of Flux/Chroma/SD3, Qwen2.5-VL, Qwen3, Gemma-2, Mistral-3)
+give one cond token per prompt token, and the DiTs use joint attention (image queries over text and
+image keys), where duplicated text tokens do change the result. Panels of such encoders that come out
+shorter than the longest one are therefore re-encoded with the encoder's *own* padding: the same
+prompt tokenized with the tokenizer's `<key>_min_length` option raised by the missing count, i.e. exactly
+core `clip.tokenize(text, tokenizer_options=...)` + `encode_from_tokens_scheduled` (pad tokens on the
+tokenizer's side, attention mask zeros over them where the encoder returns a mask). Core ComfyUI never
+batches text conds of different lengths for these models (their c_crossattn is a CONDRegular), so no
+batch of different-length panels equals the panels sampled one by one; this keeps every row what the
+encoder itself produces for that prompt at the batch's length.
 """
 from __future__ import annotations
 
@@ -28,12 +40,53 @@ class ConditioningError(StoryDiffusionError):
     pass
 
 
-def encode_prompt(clip, text: str) -> list:
+# tokenizer keys of the CLIP encoders (77-token chunks; conds tiled, never re-padded)
+CLIP_TOKEN_KEYS = frozenset({"l", "g", "h", "clip_l", "clip_g", "clip_h"})
+
+
+def encode_prompt(clip, text: str, tokenizer_options: dict | None = None) -> list:
     """One prompt -> CONDITIONING (a list of [cond, dict]), the same call core CLIPTextEncode makes."""
     if clip is None:
         raise ConditioningError("the clip input is empty: connect the CLIP output of a checkpoint loader "
                                 "(the checkpoint may have no text encoder)")
+    if tokenizer_options:
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text, tokenizer_options=tokenizer_options))
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _token_level_key(clip, text: str):
+    """(tokenizer key, token count) of the one token-level (non-CLIP) encoder of `clip`, else None."""
+    tokens = clip.tokenize(text)
+    if not isinstance(tokens, dict):
+        return None
+    keys = [k for k, v in tokens.items() if k not in CLIP_TOKEN_KEYS and v]
+    if len(keys) != 1 or len(tokens[keys[0]]) != 1:
+        return None
+    return keys[0], len(tokens[keys[0]][0])
+
+
+def pad_like_encoder(clip, text: str, conditioning: list, length: int) -> list | None:
+    """`conditioning` of `text` re-encoded with the encoder's own padding up to `length` tokens
+    (tokenizer option `<key>_min_length`); None where that cannot give exactly `length`."""
+    found = _token_level_key(clip, text)
+    if found is None:
+        return None
+    key, count = found
+    missing = length - int(conditioning[0][0].shape[1])
+    embedding_key = _embedding_key(clip, key)
+    if missing <= 0 or embedding_key is None:
+        return None
+    padded = encode_prompt(clip, text, {f"{embedding_key}_min_length": count + missing})
+    if any(int(c.shape[1]) != length for c, _ in padded):
+        return None
+    return padded
+
+
+def _embedding_key(clip, key: str):
+    """The tokenizer's option prefix (its embedding_key) for the tokens under `key`."""
+    tokenizer = getattr(clip, "tokenizer", None)
+    inner = getattr(tokenizer, key, None) or getattr(tokenizer, getattr(tokenizer, "clip", ""), None)
+    return getattr(inner, "embedding_key", None)
 
 
 def _tile_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -68,8 +121,14 @@ def batch_conditioning(per_panel: list[list], lines: list[int] | None = None) ->
         common = common_token_length(lengths, lines)
         out_cond = torch.cat([_tile_to(c, common) for c in conds], dim=0)
         out_dict = {}
-        for key in dicts[0]:
+        keys = list(dicts[0]) + [k for d in dicts[1:] for k in d if k not in dicts[0]]
+        for key in dict.fromkeys(keys):
             values = [d.get(key) for d in dicts]
+            if key == "attention_mask" and any(v is None for v in values):
+                # encoders drop an all-ones mask (Qwen-Image): give those panels theirs back
+                ref = next(v for v in values if v is not None)
+                values = [torch.ones((c.shape[0], n), dtype=ref.dtype, device=ref.device) if v is None else v
+                          for v, c, n in zip(values, conds, lengths)]
             first = values[0]
             if isinstance(first, torch.Tensor):
                 if first.ndim >= 2 and all(v.shape[1] == n for v, n in zip(values, lengths)):
@@ -116,6 +175,16 @@ def encode_panels(clip, prompts: list[str], lines: list[int] | None = None, prog
         per_panel.append(cache[prompt])
         if progress is not None:
             progress(done, len(prompts))
+    lengths = {int(c[0].shape[1]) for entries in per_panel for c in entries}
+    if len(lengths) > 1 and len(per_panel[0]) == 1:
+        # token-level encoders (T5 / LLM): pad short panels the encoder's way, not by tiling
+        longest = max(lengths)
+        padded: dict[str, list | None] = {}
+        for prompt, entries in zip(prompts, per_panel):
+            if int(entries[0][0].shape[1]) < longest and prompt not in padded:
+                padded[prompt] = pad_like_encoder(clip, prompt, entries, longest)
+        if padded and all(v is not None for v in padded.values()):
+            per_panel = [padded.get(p) or entries for p, entries in zip(prompts, per_panel)]
     return batch_conditioning(per_panel, lines)
 
 
