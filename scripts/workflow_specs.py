@@ -346,6 +346,104 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
+# Wan 2.1 FLF2V: core ComfyUI's Wan nodes (UNETLoader, CLIPLoader type "wan", WanFirstLastFrameToVideo) once per panel
+# pair, the pack's Wan Per-frame Semantics steering each latent frame by the predictor's tokens. The names are the
+# public files (Comfy-Org/Wan_2.1_ComfyUI_repackaged); the tests write tiny random files under them
+# (tests/wan_fixtures.py).
+WAN_MODEL_FILE = ModelFile("diffusion_models", "wan2.1_flf2v_720p_14B_fp16.safetensors", "wan21_flf2v_tiny")
+WAN_TEXT_ENCODER_FILE = ModelFile("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_tiny")
+WAN_VAE_FILE = ModelFile("vae", "wan_2.1_vae.safetensors", "wan21_vae_tiny")
+WAN_CLIP_VISION_FILE = ModelFile("clip_vision", "clip_vision_h.safetensors", "clip_vision_h")
+# what a real run uses (the note): Wan packs 4 video frames into one latent frame (the first alone), so 4k + 1 frames
+WAN_FRAMES_PER_TRANSITION = 33
+WAN_SIZE = (832, 480)  # 480p; the 720p FLF2V model: 1280 x 720
+WAN_STEPS = 20
+WAN_SHIFT, WAN_CFG = 8.0, 5.0  # ModelSamplingSD3 shift and cfg of ComfyUI's Wan templates
+WAN_STRENGTH = 0.3  # Wan Per-frame Semantics: above 0 is off the model's training distribution, so start low
+# what the shipped file holds, so the browser test runs it on CPU: 64 px, 2 steps, 9 frames (3 latent frames)
+WAN_TEST_FRAMES_PER_TRANSITION = 9
+WAN_TEST_SIZE = 64
+WAN_VIDEO_FRAMES = (VIDEO_PANELS - 1) * WAN_TEST_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+WAN_SIZE_NOTE = (
+    f"**Before a real run:** WanFirstLastFrameToVideo {WAN_SIZE[0]}×{WAN_SIZE[1]} (480p; the 720p FLF2V model "
+    f"1280×720; keep your panels' aspect), Semantic Motion Predictor frames {WAN_FRAMES_PER_TRANSITION} (4k + 1; it "
+    f"sets the transition's length), KSampler {WAN_STEPS} steps. The file ships at {WAN_TEST_SIZE} px / 2 steps / "
+    f"{WAN_TEST_FRAMES_PER_TRANSITION} frames per transition so CI can run it on tiny random models.")
+
+
+def story_to_video_wan(b: WorkflowBuilder) -> None:
+    """Panels -> pairs -> CLIP vision of both panels + semantic motion predictor -> Wan Per-frame Semantics on the Wan
+    2.1 model -> WanFirstLastFrameToVideo -> KSampler per pair -> story video."""
+    b.note("## Story panels to video with Wan 2.1 (first/last frame)\n**Panel Pairs** runs the graph once per pair "
+           "of adjacent panels (list execution). Core **WanFirstLastFrameToVideo** makes each pair a transition that "
+           "starts on one panel and ends on the next: it conditions Wan on both panels (VAE latents) and on their "
+           "CLIP vision H tokens (257 per image). The **Semantic Motion Predictor** predicts CLIP tokens for every "
+           "frame in between, and **Wan Per-frame Semantics** makes each latent frame attend to the tokens of its "
+           "own time instead of the fixed start/end pair. **Story Video** joins the transitions, **Video Combine** "
+           "writes the mp4.\n\n"
+           "Files (Comfy-Org/Wan_2.1_ComfyUI_repackaged): `wan2.1_flf2v_720p_14B_fp16.safetensors` (or the "
+           "`wan2.1_i2v_480p_14B_fp16.safetensors` I2V model) in `models/diffusion_models`, "
+           "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` in `models/text_encoders`, `wan_2.1_vae.safetensors` in "
+           "`models/vae`, `clip_vision_h.safetensors` in `models/clip_vision`.\n\n"
+           "**VRAM:** the 14B model is 33 GB in fp16: below 40 GB set Load Diffusion Model's weight_dtype to "
+           "fp8_e4m3fn (about 17 GB; ComfyUI offloads what does not fit to RAM, slowly).\n\n"
+           "**Limits:** no trained motion predictor weights exist (unconnected = interpolation between the two "
+           "panels' tokens). Wan was trained with the fixed start/end pair, so any **strength** above 0 is off its "
+           "training distribution: start low; strength 0 = plain FLF2V (bit-identical).\n\n" + WAN_SIZE_NOTE,
+           0, height=640, width=380)
+    unet = b.add("UNETLoader", 0, {"unet_name": WAN_MODEL_FILE})
+    text_encoder = b.add("CLIPLoader", 0, {"clip_name": WAN_TEXT_ENCODER_FILE, "type": "wan"})
+    vae = b.add("VAELoader", 0, {"vae_name": WAN_VAE_FILE})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": WAN_CLIP_VISION_FILE})
+    panels = [b.add("LoadImage", 1, {"image": ModelFile("input", f"storydiffusion_panel_{i + 1}.png", "panel")})
+              for i in range(VIDEO_PANELS)]
+    batch = b.add("StoryDiffusionBatchImages", 2, title="Batch Images (panels in story order)")
+    pairs = b.add("StoryDiffusionPanelPairs", 2)
+    pos = b.add("CLIPTextEncode", 2, {"text": "a comic character walking through a rainy city, comic book style, "
+                                               "smooth motion"})
+    neg = b.add("CLIPTextEncode", 2, {"text": "blurry, watermark, text, static, distorted"})
+    encode_start = b.add("CLIPVisionEncode", 3, {"crop": "none"}, title="CLIP Vision Encode (start panel)")
+    encode_end = b.add("CLIPVisionEncode", 3, {"crop": "none"}, title="CLIP Vision Encode (end panel)")
+    motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
+                   {"frames": WAN_TEST_FRAMES_PER_TRANSITION, "embeddings": "penultimate", "crop": "none"})
+    shift = b.add("ModelSamplingSD3", 4, {"shift": WAN_SHIFT})
+    per_frame = b.add("StoryDiffusionWanPerFrameSemantics", 4, {"strength": WAN_STRENGTH})
+    flf = b.add("WanFirstLastFrameToVideo", 4, {"width": WAN_TEST_SIZE, "height": WAN_TEST_SIZE})
+    sampler = b.add("KSampler", 5, {"seed": 42, "steps": 2, "cfg": WAN_CFG, "sampler_name": "uni_pc",
+                                    "scheduler": "simple"})
+    decode = b.add("VAEDecode", 5)
+    video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 16.0, "overlap": 1})
+    combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4",
+                                                      "filename_prefix": "storydiffusion/story_to_video_wan"})
+    for i, panel in enumerate(panels):
+        b.connect(panel, "IMAGE", batch, f"image{i + 1}")
+    b.connect(batch, "images", pairs, "panels")
+    b.connect(text_encoder, 0, pos, "clip")
+    b.connect(text_encoder, 0, neg, "clip")
+    for encode, images in ((encode_start, "start_images"), (encode_end, "end_images")):
+        b.connect(clip_vision, 0, encode, "clip_vision")
+        b.connect(pairs, images, encode, "image")
+    b.connect(clip_vision, 0, motion, "clip_vision")
+    b.connect(pairs, "start_images", motion, "start")
+    b.connect(pairs, "end_images", motion, "end")
+    b.connect(unet, 0, shift, "model")
+    b.connect(shift, 0, per_frame, "model")
+    b.connect(motion, "clip_vision_output", per_frame, "clip_vision_output")
+    b.connect(pos, 0, flf, "positive")
+    b.connect(neg, 0, flf, "negative")
+    b.connect(vae, 0, flf, "vae")
+    b.connect(motion, "total_frames", flf, "length")  # the predictor's frames are the transition's frames
+    b.connect(encode_start, 0, flf, "clip_vision_start_image")
+    b.connect(encode_end, 0, flf, "clip_vision_end_image")
+    b.connect(pairs, "start_images", flf, "start_image")
+    b.connect(pairs, "end_images", flf, "end_image")
+    sample_and_decode(b, sampler, decode, model=(per_frame, "model"), positive=(flf, "positive"),
+                      negative=(flf, "negative"), latent=(flf, "latent"), vae=(vae, 0))
+    b.connect(decode, 0, video, "segments")
+    b.connect(video, "frames", combine, "images")
+    b.connect(video, "fps", combine, "fps")
+
+
 # Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
 # frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
 WORKFLOWS: dict[str, Workflow] = {
@@ -369,4 +467,8 @@ WORKFLOWS: dict[str, Workflow] = {
                                     "pack) animates each transition between two panels, joined into one mp4.",
         (".mp4",), video_frames=ANIMATEDIFF_VIDEO_FRAMES, title="Story panels to video (AnimateDiff)",
         requires=ANIMATEDIFF_NODES),
+    "story_to_video_wan": Workflow(
+        story_to_video_wan, "Story panels to a video with Wan 2.1: each pair of panels becomes a first and last frame "
+                            "transition, steered frame by frame by the predicted panel embeddings, joined into one mp4.",
+        (".mp4",), video_frames=WAN_VIDEO_FRAMES, title="Story panels to video (Wan 2.1)"),
 }

@@ -10,27 +10,10 @@ import pytest
 import torch
 
 import tiny_models
+from wan_fixtures import CLIP_TOKENS, CLIP_WIDTH, DIM, TEXT_DIM, wan_state_dict
 
-DIM, TEXT_DIM, CLIP_TOKENS, CLIP_WIDTH = 128, 4096, 257, 1280
 LATENT_FRAMES, SIZE = 3, 8  # 3 latent frames = 9 video frames; 8x8 latent -> 4x4 = 16 tokens per frame
 VIDEO_FRAMES = 4 * (LATENT_FRAMES - 1) + 1
-
-
-def wan_state_dict(seed=0, flf=True, image=True, layers=2):
-    """A Wan 2.1 I2V (FLF2V with `flf`) state dict with the real key names; `image` False = Wan 2.2 14B I2V layout."""
-    import comfy.ldm.wan.model as wan
-    import comfy.ops
-
-    model = wan.WanModel(model_type="i2v" if image else "t2v", in_dim=36, dim=DIM, ffn_dim=2 * DIM, out_dim=16,
-                         num_heads=DIM // 128, num_layers=layers, text_dim=TEXT_DIM,
-                         flf_pos_embed_token_number=2 * CLIP_TOKENS if flf else None,
-                         operations=comfy.ops.disable_weight_init)
-    tiny_models.init_weights(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("modulation"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.1)
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def load(sd):

@@ -31,6 +31,7 @@ import animatediff_fixtures
 import comfy_env
 import harness
 import tiny_models
+import wan_fixtures
 import workflow_fixtures
 
 REPO = comfy_env.REPO
@@ -131,7 +132,8 @@ def ui_server(tmp_path_factory):
     for name in harness.MODEL_FOLDERS:
         (models / name).mkdir(parents=True)
     server = harness.ComfyServer(str(root / "server"), str(models),
-                                 extra_args=FAST_CPU_ARGS + ade_server_args(root, models))
+                                 extra_args=FAST_CPU_ARGS + ade_server_args(root, models)
+                                 + wan_fixtures.server_args(str(root / "wan")))
     _prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
@@ -241,6 +243,9 @@ MODEL_WRITERS = {"photomaker": _write_photomaker, "ipadapter_sd15": _write_ipada
 # big files written once per machine (.harness/cache) and linked in: what AnimateDiff needs (tests/animatediff_fixtures.py)
 CACHED_FILES = {"sd15_real_width": animatediff_fixtures.cached_real_width_checkpoint,
                 "motion_module_sd15_v2": _cached_motion_module_ckpt}
+# Wan 2.1 (story_to_video_wan): tiny diffusion model and VAE; CLIP vision H (full size) and the tiny umt5 cached
+MODEL_WRITERS.update(wan_fixtures.WRITERS)
+CACHED_FILES.update(wan_fixtures.CACHED)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,8 +423,56 @@ def check_story_to_video_animatediff(server, prompt: dict, outputs: dict, files:
     assert f"Using motion module {specs.MOTION_MODULE_FILE}" in log, log[-3000:]
 
 
+def _video_frames(path: str) -> np.ndarray:
+    import av
+
+    with av.open(path) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def check_story_to_video_wan(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """Each pair runs core WanFirstLastFrameToVideo (both panels, their CLIP vision H tokens, the umt5 prompt) and a
+    KSampler over the Wan model patched by Wan Per-frame Semantics (strength > 0) with the predictor's tokens; the
+    patch ran: the same prompt at strength 0 (plain FLF2V, only the patch and what follows re-run) gives other frames."""
+    specs = make_workflows.specs
+    sampler = next(node for node in prompt.values() if node["class_type"] == "KSampler")
+    per_frame_id, _ = _linked(prompt, sampler, "model", "StoryDiffusionWanPerFrameSemantics")
+    per_frame = prompt[per_frame_id]
+    assert per_frame["inputs"]["strength"] == specs.WAN_STRENGTH > 0
+    motion_id, slot = _linked(prompt, per_frame, "clip_vision_output", "StoryDiffusionSemanticMotionPredictor")
+    assert slot == 0 and prompt[motion_id]["inputs"]["embeddings"] == "penultimate"
+    shift = prompt[_linked(prompt, per_frame, "model", "ModelSamplingSD3")[0]]
+    assert prompt[_linked(prompt, shift, "model", "UNETLoader")[0]]["inputs"]["unet_name"] == specs.WAN_MODEL_FILE
+    flf_id, _ = _linked(prompt, sampler, "positive", "WanFirstLastFrameToVideo")
+    assert [sampler["inputs"][name] for name in ("positive", "negative", "latent_image")] == \
+        [[flf_id, 0], [flf_id, 1], [flf_id, 2]]
+    flf = prompt[flf_id]
+    assert flf["inputs"]["length"] == [motion_id, 2]  # the predictor's frames = the transition's frames
+    pairs = {}
+    for side in ("start", "end"):
+        encode = prompt[_linked(prompt, flf, f"clip_vision_{side}_image", "CLIPVisionEncode")[0]]
+        pairs[side] = list(_linked(prompt, flf, f"{side}_image", "StoryDiffusionPanelPairs"))
+        assert encode["inputs"]["image"] == pairs[side] == prompt[motion_id]["inputs"][side]
+        loader = prompt[_linked(prompt, encode, "clip_vision", "CLIPVisionLoader")[0]]
+        assert loader["inputs"]["clip_name"] == specs.WAN_CLIP_VISION_FILE
+    text = prompt[_linked(prompt, flf, "positive", "CLIPTextEncode")[0]]
+    assert prompt[_linked(prompt, text, "clip", "CLIPLoader")[0]]["inputs"]["type"] == "wan"
+    # the patch changed sampling: strength 0 (bit-identical to plain FLF2V, tests/test_wan.py) gives another video
+    plain = json.loads(json.dumps(prompt))
+    plain[per_frame_id]["inputs"]["strength"] = 0.0
+    combine = next(key for key, node in plain.items() if node["class_type"] == "StoryDiffusionVideoCombine")
+    plain[combine]["inputs"]["filename_prefix"] += "_strength0"
+    plain_video = [f for f in check_outputs(server, server.run(plain), (".mp4",)) if f.endswith(".mp4")]
+    video = [f for f in files if f.endswith(".mp4")]
+    assert len(plain_video) == len(video) == 1, (plain_video, video)
+    steered, unsteered = _video_frames(video[0]).astype(float), _video_frames(plain_video[0]).astype(float)
+    assert steered.shape == unsteered.shape and steered.shape[0] == specs.WAN_VIDEO_FRAMES
+    assert np.abs(steered - unsteered).mean() > 0.5, "Wan Per-frame Semantics did not change the sampled frames"
+
+
 WORKFLOW_CHECKS = {"story_characters": check_story_characters,
-                   "story_to_video_animatediff": check_story_to_video_animatediff}
+                   "story_to_video_animatediff": check_story_to_video_animatediff,
+                   "story_to_video_wan": check_story_to_video_wan}
 
 
 def decoded_frame_count(path: str) -> int:

@@ -1,0 +1,46 @@
+"""Test-only ComfyUI custom node (loaded by the workflow test server, tests/wan_fixtures.server_args; never shipped).
+
+Core ComfyUI builds a umt5 text encoder from umt5_config_xxl.json whatever the file's shapes (5.7 B parameters),
+so a tiny random umt5 cannot be loaded as it is. This wraps comfy.sd.load_text_encoder_state_dicts: when one text
+encoder state dict has umt5-xxl's layout (d_model 4096, per-block relative attention bias) but other sizes, the
+sizes read from its shapes go to ComfyUI's own override, model_options["umt5xxl_model_config"]. Real files are
+left alone (their sizes are the config's); detection, tokenizer, model class and encoding stay ComfyUI's.
+"""
+import json
+import os
+import re
+
+import comfy.sd
+import comfy.text_encoders.t5
+
+_load = comfy.sd.load_text_encoder_state_dicts
+_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
+
+
+def umt5_sizes(sd) -> dict:
+    """The umt5 config entries that differ from umt5-xxl's, read from a state dict ({} for anything else)."""
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    if bias not in sd or "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in sd:
+        return {}  # not umt5 (T5 keeps its bias in block 0 only)
+    heads = sd[bias].shape[1]
+    sizes = {"num_layers": 1 + max(int(m.group(1)) for k in sd for m in [_BLOCK.match(k)] if m),
+             "num_heads": heads, "d_kv": sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+             "d_ff": sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+             "vocab_size": sd["shared.weight"].shape[0]}
+    with open(os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "umt5_config_xxl.json")) as f:
+        config = json.load(f)
+    return {k: v for k, v in sizes.items() if config[k] != v}
+
+
+def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                                  model_options={}):
+    if len(state_dicts) == 1 and clip_type == comfy.sd.CLIPType.WAN:
+        sizes = umt5_sizes(state_dicts[0])
+        if sizes:
+            model_options = {**model_options, "umt5xxl_model_config": sizes}
+    return _load(state_dicts, embedding_directory=embedding_directory, clip_type=clip_type, model_options=model_options)
+
+
+comfy.sd.load_text_encoder_state_dicts = load_text_encoder_state_dicts
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
