@@ -17,6 +17,13 @@ per token, so this is exact), which halves the bytes against storing keys and va
 
 Roles name the chunks of a model call: "positive", "negative" and, under DualCFGGuider, "middle".
 
+DiT models (Flux, SD3, Qwen-Image, ...) compute q/k/v inside their blocks with fused projections, q/k
+norms and RoPE; the attention override that serves them sees only the finished keys and values. A DiT
+bank therefore stores the sampled image *keys and values* (after RoPE), [panels, tokens, 2 * channels]:
+twice the bytes of hidden states, read back exactly. The bank records its content ("hidden_states", or
+"keys_values:<family>"), and a model of another kind or family refuses it. In fp8, keys/values (which no
+norm bounds) are stored with one scale per tensor.
+
 Plain torch; save/load uses safetensors with a JSON header, so a character can be reused later.
 """
 from __future__ import annotations
@@ -36,6 +43,15 @@ OLD_FORMATS = ("storydiffusion-identity-bank/1",)  # projected keys/values: refu
 FP8 = "fp8"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, FP8: torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+HIDDEN_STATES = "hidden_states"  # UNet banks: the input of attn1, projected by the layer on read
+KEYS_VALUES = "keys_values:"  # + DiT family name: sampled image keys and values after RoPE
+
+
+def content_name(content: str) -> str:
+    """How a bank's content reads in messages."""
+    if content.startswith(KEYS_VALUES):
+        return f"a {content[len(KEYS_VALUES):]} model (DiT keys and values)"
+    return "a UNet model (SD1.5 / SD2 / SDXL hidden states)"
 
 
 class BankError(StoryDiffusionError):
@@ -52,11 +68,16 @@ def _parse_layer(name: str):
     return (kind, int(block), int(index))
 
 
-def encode(hidden: torch.Tensor, dtype_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Hidden states -> (stored tensor, scale). No format needs a scale today (fp8 is clamped to its
-    finite range, which normalised hidden states never reach); the slot keeps the file layout open."""
+def encode(hidden: torch.Tensor, dtype_name: str, scaled: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Tokens -> (stored tensor, scale or None). fp8 hidden states are clamped to fp8's finite range, which
+    normalised hidden states never reach; with `scaled` (DiT keys/values, unbounded) fp8 stores
+    tokens / scale with scale = max |token| / 448, so the largest value lands on fp8's largest."""
     if dtype_name == FP8:
-        hidden = hidden.float().clamp(-FP8_MAX, FP8_MAX)
+        hidden = hidden.float()
+        if scaled:
+            scale = (hidden.abs().amax() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            return (hidden / scale).clamp(-FP8_MAX, FP8_MAX).to(DTYPES[FP8]), scale.reshape(1)
+        hidden = hidden.clamp(-FP8_MAX, FP8_MAX)
     return hidden.to(DTYPES[dtype_name]), None
 
 
@@ -94,6 +115,7 @@ class IdentityBank:
         self.characters: Optional[tuple[tuple[str, ...], ...]] = None
         self.sample_sigmas: tuple[float, ...] = ()
         self.layer_tokens: dict = {}  # layer -> full token count at write (resolution check)
+        self.content: str = HIDDEN_STATES  # what the tensors are (see the module docstring)
         self._step_cache: tuple = (None, None, None, {})  # (step, device, dtype, {key: decoded})
 
     @property
@@ -113,25 +135,29 @@ class IdentityBank:
         if self.empty:
             return "empty identity bank"
         steps = len(self.sample_sigmas) - 1
-        return (f"identity bank: {len(self.panels)} panels {list(self.panels)}, {steps} steps, "
-                f"{len(self.layer_tokens)} layers, {self.nbytes() / 2**20:.1f} MiB {self.dtype_name}")
+        return (f"identity bank of {content_name(self.content)}: {len(self.panels)} panels {list(self.panels)}, "
+                f"{steps} steps, {len(self.layer_tokens)} layers, {self.nbytes() / 2**20:.1f} MiB {self.dtype_name}")
 
     # ---------------------------------------------------------------------------------------------
     # writing
 
-    def begin_write(self, panels: Sequence[int], characters, sample_sigmas: Sequence[float]) -> "BankWriter":
+    def begin_write(self, panels: Sequence[int], characters, sample_sigmas: Sequence[float],
+                    content: str = HIDDEN_STATES) -> "BankWriter":
         return BankWriter(self, tuple(int(p) for p in panels),
                           None if characters is None else tuple(tuple(c) for c in characters),
-                          tuple(float(s) for s in sample_sigmas))
+                          tuple(float(s) for s in sample_sigmas), content)
 
     # ---------------------------------------------------------------------------------------------
     # reading
 
-    def check_run(self, sample_sigmas: Sequence[float]):
-        """Raise a BankError unless this bank was written with the same sampling schedule."""
+    def check_run(self, sample_sigmas: Sequence[float], content: str = HIDDEN_STATES):
+        """Raise a BankError unless this bank was written by the same kind of model with the same sampling schedule."""
         if self.empty:
             raise BankError("the identity bank is empty: run a KSampler on the MODEL of 'Identity Bank Write "
                             "(StoryDiffusion)' first (connect its LATENT output to the 'after' input of the read node), or load a bank")
+        if self.content != content:
+            raise BankError(f"the identity bank was written with {content_name(self.content)} and cannot be read by "
+                            f"{content_name(content)}: write the bank with the model you read it with")
         sigmas = tuple(float(s) for s in sample_sigmas)
         if len(sigmas) != len(self.sample_sigmas):
             raise BankError(f"the identity bank was written with {len(self.sample_sigmas) - 1} sampling steps, this run has "
@@ -218,7 +244,8 @@ class IdentityBank:
                   "characters": None if self.characters is None else [list(c) for c in self.characters],
                   "sample_sigmas": list(self.sample_sigmas),
                   "layer_tokens": {_layer_name(k): n for k, n in self.layer_tokens.items()},
-                  "dtype": self.dtype_name}
+                  "dtype": self.dtype_name,
+                  "content": self.content}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"format": FORMAT, "bank": json.dumps(header)})
 
@@ -249,6 +276,7 @@ class IdentityBank:
             bank.characters = None if header["characters"] is None else tuple(tuple(c) for c in header["characters"])
             bank.sample_sigmas = tuple(header["sample_sigmas"])
             bank.layer_tokens = {_parse_layer(k): int(n) for k, n in header["layer_tokens"].items()}
+            bank.content = str(header.get("content", HIDDEN_STATES))
             for tensor_name in names:
                 if tensor_name.endswith("/h"):
                     prefix = tensor_name[:-2]
@@ -274,8 +302,9 @@ def _parse_prefix(prefix: str):
 class BankWriter:
     """Collects one write run; the bank only changes when the run completes (commit)."""
 
-    def __init__(self, bank: IdentityBank, panels, characters, sample_sigmas):
+    def __init__(self, bank: IdentityBank, panels, characters, sample_sigmas, content: str = HIDDEN_STATES):
         self.bank = bank
+        self.content = content
         self.panels = panels
         self.characters = characters
         self.sample_sigmas = sample_sigmas
@@ -283,12 +312,13 @@ class BankWriter:
         self.layer_tokens: dict = {}
 
     def put(self, step: int, layer, roles: Sequence[str], hidden: torch.Tensor, num_tokens: int):
-        """hidden: [chunks, panels, n, channels] sampled hidden states, one chunk per entry of `roles`."""
+        """hidden: [chunks, panels, n, channels] sampled tokens (hidden states, or a DiT's keys and values), one
+        chunk per entry of `roles`."""
         self.layer_tokens[layer] = int(num_tokens)
         for c, role in enumerate(roles):
             key = (int(step), layer, role)
             if key not in self.entries:  # a second-order sampler's extra call keeps the first
-                stored, scale = encode(hidden[c].detach(), self.bank.dtype_name)
+                stored, scale = encode(hidden[c].detach(), self.bank.dtype_name, scaled=self.content != HIDDEN_STATES)
                 self.entries[key] = (stored.to("cpu"), None if scale is None else scale.to("cpu"))
 
     def commit(self):
@@ -301,6 +331,7 @@ class BankWriter:
         bank.characters = self.characters
         bank.sample_sigmas = self.sample_sigmas
         bank.layer_tokens = self.layer_tokens
+        bank.content = self.content
 
 
 def looks_like_bank_file(path: str) -> bool:

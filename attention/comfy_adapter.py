@@ -31,7 +31,7 @@ import torch
 from ..common import comfy_adapter as glue
 from ..common.errors import StoryDiffusionError
 from . import core, dit
-from .bank import BankError, IdentityBank, looks_like_bank_file
+from .bank import HIDDEN_STATES, KEYS_VALUES, BankError, IdentityBank, looks_like_bank_file
 from .schedule import Schedule, layer_ordinal, select_layers, step_index
 
 CONFIG_KEY = "storydiffusion_csa"
@@ -139,6 +139,11 @@ class CSAConfig:
                              f"(set the latent batch size to {story_len}), or generate parts with the identity bank nodes")
         return tuple(range(batch))
 
+    @property
+    def bank_content(self) -> str:
+        """What this model's identity bank stores (attention/bank.py): UNet hidden states or DiT keys/values."""
+        return HIDDEN_STATES if self.family == "UNet" else KEYS_VALUES + self.family
+
     def characters_of(self, rows) -> Optional[list]:
         return None if self.panel_characters is None else [self.panel_characters[r] for r in rows]
 
@@ -224,9 +229,9 @@ def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = glue.
     rows = config.rows_for(batch)
     run = RunState(sigmas, rows, config.share_for(rows), tuple(roles))
     if config.mode == MODE_WRITE:
-        run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas)
+        run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas, config.bank_content)
     elif config.mode == MODE_READ:
-        config.bank.check_run(sigmas)
+        config.bank.check_run(sigmas, config.bank_content)
         run.bank_reads = config.bank.reads_for(len(rows), config.characters_of(rows))
     return run
 
@@ -742,19 +747,38 @@ class DiTAttentionOverride:
         if not config.schedule.active(step, sigma, layer):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
         sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), rows)
-        if sampled.shape[1] == 0 or not bool(share.any()):
+        kinds = list(options.get("cond_or_uncond") or [0])
+        if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
+            q4, k4, v4 = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        else:
+            q4, k4, v4 = q, k, v
+        if run.writer is not None and sampled.shape[1] > 0:
+            stored = dit.sampled_keys_values(k4, v4, chunks=chunks, text_tokens=text, sampled=sampled)
+            run.writer.put(step, layer, run.roles_of(kinds), stored, image)
+        bank = self.bank_tokens(config, run, step, layer, kinds, image, heads, k4) if run.bank_reads is not None else None
+        nothing_shared = sampled.shape[1] == 0 or not bool(share.any())
+        if nothing_shared and (bank is None or not bool(bank.reads.any())):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
         mask = args[0] if args else kwargs.get("mask")
-        if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         rest = {key: value for key, value in kwargs.items() if key not in ("mask", "skip_reshape")}
 
         def kernel(qq, kk, vv, panel_mask):
             return self.attend(func, qq, kk, vv, heads, mask=panel_mask, skip_reshape=True, **rest)
 
-        return dit.joint_consistent_attention(q, k, v, chunks=chunks, text_tokens=text, image_tokens=image,
+        return dit.joint_consistent_attention(q4, k4, v4, chunks=chunks, text_tokens=text, image_tokens=image,
                                               share=share, sampled=sampled, window=config.window,
-                                              mask=mask, attention=kernel)
+                                              mask=mask, bank=bank, attention=kernel)
+
+    @staticmethod
+    def bank_tokens(config: CSAConfig, run: RunState, step: int, layer, kinds, image: int, heads: int,
+                    k) -> core.BankTokens:
+        """The bank's keys and values for this call, [chunks, bank panels, heads, n, dim] each."""
+        try:
+            stored = config.bank.hidden(step, layer, run.roles_of(kinds), image, device=k.device, dtype=k.dtype)
+        except BankError as e:
+            raise BankError(f"StoryDiffusion: {e}") from None
+        bank_k, bank_v = dit.bank_keys_values(stored.to(k.device, k.dtype), heads)
+        return core.BankTokens(bank_k, bank_v, run.bank_reads)
 
 
 def _patch_dit(model, family: DiTFamily):
@@ -843,10 +867,6 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=N
     rows: the story panel of every latent row of a read run (e.g. (2, 5) from Select Story Panels);
     default: consecutive panels from first_panel."""
     config = config_of(model)
-    if config.family != "UNet":
-        raise PatchError(f"the identity bank works on UNet models (SD1.5, SD2, SDXL) only for now; this MODEL is "
-                         f"patched for {config.family}: sample all panels in one batch with 'Consistent Self-Attention' "
-                         f"(window_size bounds the memory of long stories)")
     story_len = None if config.panel_characters is None else len(config.panel_characters)
     if mode == MODE_READ and story_len is not None and first_panel >= story_len:
         raise PatchError(f"first_panel {first_panel} is past the end of the story ({story_len} panels)")
@@ -858,7 +878,7 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=N
     patched = model.clone()
     patched.model_options["transformer_options"][CONFIG_KEY] = dataclasses.replace(
         config, mode=mode, bank=bank, first_panel=int(first_panel), read_rows=rows if mode == MODE_READ else None)
-    if mode == MODE_WRITE:
+    if mode == MODE_WRITE and config.family == "UNet":  # DiTs: the attention override writes (it sees k/v only)
         patches = patched.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
         if not any(isinstance(p, BankWriteTap) for p in patches):
             patched.set_model_attn1_patch(BankWriteTap())

@@ -7,7 +7,8 @@ image tokens, then anything else (Kontext reference-image tokens). StoryDiffusio
     K_i, V_i = [all tokens of panel i, sampled *image* tokens of the panels i shares with]
     O_i      = Attention(Q_i, K_i, V_i)
 
-Text tokens of other panels and tokens after the image (references) are never shared. The keys
+Text tokens of other panels and tokens after the image (references) are never shared. An identity
+bank (read runs) adds the stored image keys/values of the bank panels a panel reads. The keys
 arrive after RoPE, so a shared key keeps the position phases of its own panel (CharaConsist-style
 position matching is not done here). Rows are grouped into chunks (cond, uncond, ...) as in
 attention/core.py: a panel reads panels of its own chunk only, with the same token indices in every
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import panel_plan
+from .core import BankTokens, panel_plan
 
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
 JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -51,7 +52,7 @@ def _panel_mask(mask: Optional[torch.Tensor], chunks: int, panels: int, i: int,
 
 def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,
                                image_tokens: int, share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
-                               mask: Optional[torch.Tensor] = None,
+                               mask: Optional[torch.Tensor] = None, bank: Optional[BankTokens] = None,
                                attention: JointAttentionFn = sdpa_joint) -> torch.Tensor:
     """Joint attention where each panel also reads sampled image tokens of the panels it shares with.
 
@@ -65,6 +66,11 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         each panel's output the mean over the windows that contain it (as attention/core.py).
     mask: None, or a mask ComfyUI's kernels accept ([N, N], [rows, N, N], [rows, H, N, N]...); it is
         cut to each panel's rows and extended with a column per appended key.
+    bank: identity-bank tokens, k/v [chunks, bank panels, H, n, D] (image keys/values after RoPE, as a
+        write run stored them) and reads [B, bank panels]. A bank key takes the mask column of the panel's
+        first image token: no supported family masks image tokens (masks there hide text padding).
+
+    Key order of panel i: [its own tokens, bank panels it reads, sampled image tokens of the others].
     attention: attention(q, k, v, mask) on [chunks, H, tokens, D]; returns rows first ([chunks, N, H*D]
         for ComfyUI's kernels). The result has the kernel's layout with chunks*B rows.
     """
@@ -77,6 +83,13 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if sampled.numel() and int(sampled.max()) >= image_tokens:
         raise ValueError(f"sampled token index {int(sampled.max())} is past the {image_tokens} image tokens")
     share, sampled, windows = panel_plan(share, sampled, panels, window)
+    bank_k = bank_v = None
+    bank_reads = [[] for _ in range(panels)]
+    if bank is not None and bank.k.shape[1] > 0 and bank.k.shape[3] > 0:
+        if bank.k.shape[0] != chunks or bank.k.shape[2] != heads or bank.k.shape[4] != dim:
+            raise ValueError(f"bank tokens {tuple(bank.k.shape)} do not fit {chunks} chunks of {heads} heads x {dim}")
+        bank_k, bank_v = bank.k.to(k.device, k.dtype), bank.v.to(v.device, v.dtype)
+        bank_reads = [torch.nonzero(r).reshape(-1).tolist() for r in bank.reads.to(torch.bool).cpu()]
 
     q4 = q.reshape(chunks, panels, heads, tokens, dim)
     k4 = k.reshape(chunks, panels, heads, k.shape[2], dim)
@@ -90,22 +103,29 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for i in members:
             counts[i] += 1
             others = [j for j in members if share[i, j]]
+            n_bank = len(bank_reads[i]) * (bank_k.shape[3] if bank_k is not None else 0)
             n_other = sum(int(sampled[j].numel()) for j in others)
-            if n_other == 0:
+            if n_bank + n_other == 0:
                 kk, vv, columns = k4[:, i], v4[:, i], None  # reads nothing but itself: plain joint attention
             else:
                 own = k.shape[2]
-                kk = k.new_empty((chunks, heads, own + n_other, dim))
-                vv = v.new_empty((chunks, heads, own + n_other, dim))
+                kk = k.new_empty((chunks, heads, own + n_bank + n_other, dim))
+                vv = v.new_empty((chunks, heads, own + n_bank + n_other, dim))
                 kk[:, :, :own].copy_(k4[:, i])
                 vv[:, :, :own].copy_(v4[:, i])
                 at = own
+                for b in bank_reads[i]:
+                    n = bank_k.shape[3]
+                    kk[:, :, at:at + n].copy_(bank_k[:, b])
+                    vv[:, :, at:at + n].copy_(bank_v[:, b])
+                    at += n
                 for j in others:
                     n = int(sampled[j].numel())
                     kk[:, :, at:at + n].copy_(k4[:, j].index_select(2, positions[j]))
                     vv[:, :, at:at + n].copy_(v4[:, j].index_select(2, positions[j]))
                     at += n
-                columns = torch.cat([positions[j] for j in others])
+                first_image = torch.full((n_bank,), text_tokens, dtype=torch.long, device=k.device)
+                columns = torch.cat([first_image] + [positions[j] for j in others])
             result = attention(q4[:, i], kk, vv, _panel_mask(mask, chunks, panels, i, columns))
             if out4 is None:
                 out4 = result.new_zeros((chunks, panels) + tuple(result.shape[1:]))
@@ -118,3 +138,31 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scale = (1.0 / counts).to(out4.dtype).to(out4.device)
         out4.mul_(scale.reshape((1, panels) + (1,) * (out4.ndim - 2)))
     return out4.reshape((total,) + tuple(out4.shape[2:]))
+
+
+def sampled_keys_values(k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,
+                        sampled: torch.Tensor) -> torch.Tensor:
+    """What a DiT identity bank stores for one attention call: [chunks, B, n, 2*H*D], the sampled image
+    keys then values of each panel (after RoPE, heads flattened), token-major like the UNet bank's hidden states.
+
+    k, v: [chunks*B, H, N, D]; sampled: [B, n] indices into the image tokens (which start at text_tokens)."""
+    total, heads, _, dim = k.shape
+    panels = total // chunks
+    index = (text_tokens + sampled.to(torch.long)).to(k.device)  # [B, n]
+    gather = index[None, :, None, :, None].expand(chunks, panels, heads, index.shape[1], dim)
+
+    def pick(t):
+        picked = torch.gather(t.reshape(chunks, panels, heads, t.shape[2], dim), 3, gather)
+        return picked.permute(0, 1, 3, 2, 4).reshape(chunks, panels, index.shape[1], heads * dim)
+
+    return torch.cat([pick(k), pick(v)], dim=-1)
+
+
+def bank_keys_values(stored: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of sampled_keys_values: [chunks, P, n, 2*H*D] -> k, v [chunks, P, H, n, D]."""
+    chunks, panels, n, width = stored.shape
+    if width % (2 * heads):
+        raise ValueError(f"bank tokens of width {width} do not split into keys and values of {heads} heads")
+    dim = width // (2 * heads)
+    kv = stored.reshape(chunks, panels, n, 2, heads, dim).permute(3, 0, 1, 4, 2, 5)
+    return kv[0], kv[1]

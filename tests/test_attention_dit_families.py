@@ -88,7 +88,7 @@ class Reference:
         options = kwargs["transformer_options"]
         chunks = len(options["cond_or_uncond"])
         panels = q.shape[0] // chunks
-        share = [[True] * panels for _ in range(panels)]
+        share = getattr(self, "share", None) or [[True] * panels for _ in range(panels)]
         return reference_rate_1(q, k, v, chunks, self.before, IMAGE, share)
 
 
@@ -219,18 +219,13 @@ def test_an_extra_attention_call_is_refused(csa, models):
         ksampler(patch(csa, theirs), "lumina")
 
 
-def test_hidream_e1_and_the_identity_bank_are_refused(csa, models):
-    from comfyui_storydiffusion.attention.bank import IdentityBank
-
+def test_hidream_e1_is_refused(csa, models):
     model = model_of(models, "hidream")
     family = csa.dit_family(model)
     x = torch.zeros(1, 16, 8, 8)
     with pytest.raises(ValueError, match="HiDream E1"):
         family.call_options(model.model.diffusion_model, (x, None, None, torch.zeros(1, 5, 16),
                                                           torch.zeros(1, 4, 3, 16, 16), x), {})
-    for family in ("sd3", "qwen"):
-        with pytest.raises(ValueError, match="identity bank works on UNet models"):
-            csa.with_bank(patch(csa, model_of(models, family)), csa.MODE_WRITE, IdentityBank())
 
 
 def test_qwen_image_edit_reference_tokens_are_not_shared(csa, models):
