@@ -192,3 +192,68 @@ def test_bank_file_fp8_and_the_refusals(csa, models, tmp_path):
         positive, negative = flux_tests.conds(2)
         comfy.sample.sample(reader, noise[2:4], 3, 3.0, "euler", "normal", positive, negative,
                             torch.zeros_like(noise[2:4]), disable_pbar=True, seed=5)
+
+
+def dual_cfg_flux(model, rows, noise, seed=5):
+    """DualCFGGuider on Flux: three chunks per call (cond, middle, negative)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+
+    positive, negative = flux_tests.conds(4)
+    middle, _ = flux_tests.conds(4, seed=100)
+    guider = Guider_DualCFG(model)
+    guider.set_conds(rows_of(positive, rows), rows_of(middle, rows), rows_of(negative, rows))
+    guider.set_cfg(3.0, 2.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
+    return guider.sample(noise[rows], torch.zeros_like(noise[rows]), comfy.samplers.sampler_object("euler"), sigmas,
+                         seed=seed)
+
+
+def test_dual_cfg_guider_on_flux_batch_and_bank(csa, models):
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    flux = family_model(models, "flux")
+    noise = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(21))
+    layers = {("double", 1), ("single", 0), ("single", 1)}
+    with_reference = flux.clone()
+    with_reference.model_options["transformer_options"]["optimized_attention_override"] = flux_tests.reference_override(
+        layers, flux_tests.TEXT, 16, share_of=lambda panels: ONE_WAY)
+    expected = dual_cfg_flux(with_reference, slice(0, 4), noise)
+
+    patched = patch(csa, flux, rate=1.0, story=ann_story())
+    bank = IdentityBank(dtype="fp32")
+    written = dual_cfg_flux(csa.with_bank(patched, csa.MODE_WRITE, bank), slice(0, 2), noise)
+    assert {key[2] for key in bank.keys()} == {"negative", "middle", "positive"}
+    read = dual_cfg_flux(csa.with_bank(patched, csa.MODE_READ, bank, rows=(2, 3)), slice(2, 4), noise)
+    assert_relative(written, expected[0:2], 1e-5)
+    assert_relative(read, expected[2:4], 1e-5)
+    assert (read[0] - dual_cfg_flux(flux, slice(2, 4), noise)[0]).abs().max() > 1e-3
+
+
+def test_an_interrupted_write_leaves_no_half_bank_and_the_rerun_matches(csa, models):
+    import comfy.model_management
+    import comfy.sample
+
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    flux = family_model(models, "flux")
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(21))
+    writer = csa.with_bank(patch(csa, flux, story=ann_story()), csa.MODE_WRITE, bank := IdentityBank())
+    positive, negative = flux_tests.conds(2)
+
+    def run(callback=None):
+        return comfy.sample.sample(writer, noise, STEPS, 3.0, "euler", "normal", positive, negative,
+                                   torch.zeros_like(noise), callback=callback, disable_pbar=True, seed=5)
+
+    clean = run()
+    complete = {key: bank.entries[key][0].clone() for key in bank.keys()}
+
+    def interrupt(step, *args):
+        if step == 1:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(interrupt)
+    assert bank.empty
+    assert torch.equal(run(), clean)
+    assert set(bank.keys()) == set(complete) and all(torch.equal(bank.entries[k][0], complete[k]) for k in complete)
