@@ -1,8 +1,12 @@
 """Consistent Self-Attention at real size: extra peak memory and time of ONE attention call.
 
     .harness/venv/bin/python bench/bench_memory.py [--device cpu|cuda] [--panels 2,4,8] [--quick]
+        [--dit-panels 2,4] [--dit-chunks 1,2] [--dit-dtypes float16,bfloat16] [--no-dit | --only-dit]
 
-No ComfyUI: attention/core.py is imported on its own (the repository is loaded as a bare package,
+Two families: UNet (attention/core.py, below) and DiT (attention/dit.py at Flux.1 1024 px: 512 text + 4096
+image tokens, 24 heads x 128; bench/bench_dit.py, measured the same way, keys prefixed "flux_").
+
+No ComfyUI: attention/core.py (and dit.py) is imported on its own (the repository is loaded as a bare package,
 without its ComfyUI entry point) and given the plain sdpa of common/attention.py as its kernel.
 
 Geometry: the high-resolution self-attention level of SD1.5 at 512 px (4096 tokens x 320 channels,
@@ -38,8 +42,18 @@ plain attention is one long one. At 1024 tokens, with other processes on a 2-cor
 first-call noise on a small call, not gather cost: at 4096 tokens the gather is a few % of the time.
 
 The last line of stdout is one JSON object: whole_batch_vs_loop_mem (max mem ratio over panel
-counts and geometries), step_vs_flops (max time ratio), per-geometry details, and what bank_rows()
-adds. Targets: whole_batch_vs_loop_mem <= 1.1, step_vs_flops <= 1.15.
+counts and geometries), step_vs_flops (max time ratio), per-geometry details, what bank_rows()
+adds, and the DiT part: flux_whole_batch_vs_loop_mem, flux_step_vs_flops, flux_geometry (details per
+dtype), flux_bank_bytes_per_image_step (fp16, Flux.1 default blocks; _fp8, _per_block variants).
+Targets, both families: whole_batch_vs_loop_mem <= 1.1, step_vs_flops <= 1.15 (flux_ keys likewise).
+
+DiT on CPU (one run, 2 threads, fp32, 1 chunk): mem ratio 1.26 (2 panels: 264 vs 210 MiB) and 1.18 (4 panels:
+360 vs 306 MiB), time ratio 0.99 and 1.12. The mem ratio misses 1.1 because joint_consistent_attention
+allocates its output with new_zeros, whose zero fill touches every page of the output at the first
+panel, where the loop's torch.empty output (as core.py's, with one window) is touched panel by panel;
+the difference is output/B. With CUDA's caching allocator an untouched empty block counts in full,
+so the ratio there is the allocation itself. With new_empty for one window (as core.py) the quick run
+gives 0.99 at 2 and 4 panels. --quick: 256 text + 1024 image tokens, DiT panels 2,4.
 """
 from __future__ import annotations
 
@@ -264,6 +278,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--quick", action="store_true", help="smoke run: 1024 tokens, 2 and 4 panels")
+    p.add_argument("--dit-panels", default=None,
+                   help="panel counts of the Flux.1 DiT part (default 2,4 on CPU, 2,4,8 on CUDA; quick 2,4)")
+    p.add_argument("--dit-chunks", default=None, help="chunk counts of the DiT part (default 1 on CPU, 1,2 on CUDA)")
+    p.add_argument("--dit-dtypes", default=None,
+                   help="comma-separated dtypes of the DiT part (default: --dtype), e.g. float16,bfloat16")
+    p.add_argument("--no-dit", action="store_true", help="skip the DiT part (bench/bench_dit.py)")
+    p.add_argument("--only-dit", action="store_true", help="the DiT part alone (no UNet geometries, no bank rows)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device is None:
@@ -281,6 +302,15 @@ def parse_args(argv=None):
         wanted = args.geometries.split(",")
         table = {name: g for name, g in table.items() if name.split(" ")[0] in wanted}
     args.geometry_table = table
+    if args.dit_panels:
+        args.dit_panel_counts = [int(x) for x in args.dit_panels.split(",")]
+    else:
+        args.dit_panel_counts = [2, 4, 8] if cuda and not args.quick else [2, 4]
+    args.dit_chunk_counts = ([int(x) for x in args.dit_chunks.split(",")] if args.dit_chunks
+                             else [1, 2] if cuda else [1])
+    args.dit_dtypes = args.dit_dtypes.split(",") if args.dit_dtypes else [args.dtype]
+    if args.only_dit:
+        args.geometry_table, args.no_dit = {}, False
     args.repeats = args.repeats or (5 if cuda else 3)
     args.budget = args.budget if args.budget is not None else (60.0 if cuda else 20.0)
     return args
@@ -289,7 +319,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        load_pack()
+        print(json.dumps(dit_module().measure(spec, PACK, sys.modules[__name__]) if spec.get("family")
+                         else measure(spec)))
         return
     mib = 2 ** 20
     lines = [f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -322,18 +355,35 @@ def main(argv=None):
                          f"{loop['extra_bytes'] / mib:.0f} | {mem_ratio:.2f} | {ours['seconds']:.3f} | "
                          f"{ours['plain_seconds']:.3f} | {ours['time_ratio']:.2f} |")
             print(f"  measured {name}, {panels} panels", file=sys.stderr, flush=True)
-    for line in lines:
-        print(line)
-    summary = {
-        "whole_batch_vs_loop_mem": max(r for g in details.values() for r in g["mem_ratio"]),
-        "step_vs_flops": max(r for g in details.values() for r in g["time_ratio"]),
-        "device": args.device, "dtype": args.dtype, "geometries": details,
-    }
-    bank_lines, bank_summary = bank_rows(args)
-    for line in bank_lines:
-        print(line)
-    summary.update(bank_summary)
+    if details:
+        for line in lines:
+            print(line)
+    summary = {"device": args.device, "dtype": args.dtype}
+    if details:  # not with --only-dit
+        summary.update(whole_batch_vs_loop_mem=max(r for g in details.values() for r in g["mem_ratio"]),
+                       step_vs_flops=max(r for g in details.values() for r in g["time_ratio"]), geometries=details)
+    if not args.no_dit:
+        load_pack()
+        dit_lines, dit_summary = dit_module().dit_rows(args, run_measure, PACK)
+        for line in dit_lines:
+            print(line)
+        summary.update(dit_summary)
+    if not args.only_dit:
+        bank_lines, bank_summary = bank_rows(args)
+        for line in bank_lines:
+            print(line)
+        summary.update(bank_summary)
     print(json.dumps(summary))  # keep this the last line of stdout
+
+
+def dit_module():
+    """bench/bench_dit.py: the DiT (Flux.1) part, measured with this module's workers and peak_call."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_dit
+
+    return bench_dit
 
 
 # ---------------------------------------------------------------------------------------------------
