@@ -54,7 +54,9 @@ class StoryDiffusionStory:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP", {"tooltip": "The text encoder of your checkpoint (SD1.5 or SDXL)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) of your model: a checkpoint's CLIP (SD1.5, "
+                                          "SDXL), or a CLIP loader's output for a DiT (Flux, SD3, Chroma, Qwen-Image, "
+                                          "Z-Image, Lumina 2). T5/LLM panels are padded the encoder's way."}),
                 "characters": ("STRING", {
                     "multiline": True, "default": EXAMPLE_CHARACTERS,
                     "tooltip": "One character per line: '[Name] description'. Any number of characters. "
