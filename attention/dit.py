@@ -128,7 +128,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 columns = torch.cat([first_image] + [positions[j] for j in others])
             result = attention(q4[:, i], kk, vv, _panel_mask(mask, chunks, panels, i, columns))
             if out4 is None:
-                out4 = result.new_zeros((chunks, panels) + tuple(result.shape[1:]))
+                shape = (chunks, panels) + tuple(result.shape[1:])
+                out4 = result.new_empty(shape) if single else result.new_zeros(shape)  # empty: pages written once
             if single:
                 out4[:, i].copy_(result)
             else:
