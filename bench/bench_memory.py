@@ -247,7 +247,7 @@ def run_measure(spec: dict) -> dict:
     Memory workers ("ours", "loop") run with glibc's mmap threshold fixed; the "time" worker runs with
     the default allocator, which keeps freed blocks up to 32 MiB for reuse (as in real use)."""
     if spec["device"] == "cuda":
-        result = measure(spec)
+        result = dit_module().measure(spec, PACK, sys.modules[__name__]) if spec.get("family") else measure(spec)
         torch.cuda.empty_cache()
         return result
     env = dict(os.environ)
