@@ -104,11 +104,12 @@ needs "$no_comfy" ipadapter 40 bench/bench_ipadapter.py "${q_ipadapter[@]}"
 # Video Combine at 512x512 (encoding runs on the CPU)
 needs "$no_av" video 50 bench/bench_video.py "${q_video[@]}"
 # PhotoMaker Fuse with the real-size ViT-L/14 and CLIP-L + CLIP-G (CPU-bound; one repeat)
-needs "$no_comfy" identity 50 bench/bench_identity.py "${q_identity[@]}"
+# (identity and story_comic load ComfyUI's node API, comfy_api, which imports PyAV)
+needs "${no_comfy:-$no_av}" identity 50 bench/bench_identity.py "${q_identity[@]}"
 # Semantic Motion Predictor, paper size (CPU-bound)
 run motion 40 bench/bench_motion.py "${q_motion[@]}"
 # Story node encoding and comic pages
-needs "$no_comfy" story_comic 30 bench/bench_story_comic.py "${q_story[@]}"
+needs "${no_comfy:-$no_av}" story_comic 30 bench/bench_story_comic.py "${q_story[@]}"
 
 echo "[gpu.sh] results in $out" >&2
 cat "$out/summary.txt"
