@@ -346,6 +346,91 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
+# DiT comics (Flux.1 dev, Z-Image Turbo): separate diffusion model, text encoder(s) and VAE files, 16-channel latents
+# (EmptySD3LatentImage), one sampler over all panels. The files the tests write for these names are full-width random
+# models at minimal depth (tests/dit_workflow_fixtures.py): ComfyUI's detection fixes the DiT widths.
+FLUX_DEV_FILE = ModelFile("diffusion_models", "flux1-dev.safetensors", "flux1_dev")
+FLUX_CLIP_L_FILE = ModelFile("text_encoders", "clip_l.safetensors", "clip_l")
+FLUX_T5XXL_FILE = ModelFile("text_encoders", "t5xxl_fp16.safetensors", "t5xxl")
+FLUX_VAE_FILE = ModelFile("vae", "ae.safetensors", "flux_vae")  # Flux's autoencoder; Z-Image uses the same file
+Z_IMAGE_FILE = ModelFile("diffusion_models", "z_image_turbo_bf16.safetensors", "z_image_turbo")
+Z_IMAGE_TEXT_FILE = ModelFile("text_encoders", "qwen_3_4b.safetensors", "qwen3_4b")
+FLUX_GUIDANCE = 3.5  # Flux.1 dev's distilled guidance (the KSampler's cfg stays 1.0)
+Z_IMAGE_SHIFT = 3.0  # ModelSamplingAuraFlow shift of ComfyUI's Z-Image Turbo template
+DIT_COMIC_STORY = {"style": "Comic book"}  # the Story node's default four panels, two characters
+DIT_COMIC_PAGE = {"layout": "classic comic", "page_width": 768}
+
+
+def _dit_story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, prefix: str,
+                       sampler_widgets: dict, guidance: float | None = None) -> None:
+    """Story -> (Flux Guidance) -> Consistent Self-Attention -> one KSampler over every panel (16-channel latent)
+    -> comic page: _story_to_page for DiTs, which take no EmptyLatentImage and sample at cfg 1."""
+    story = b.add("StoryDiffusionStory", 1, DIT_COMIC_STORY, width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7})
+    positive = (story, "positive")
+    if guidance is not None:
+        flux_guidance = b.add("FluxGuidance", 2, {"guidance": guidance})
+        b.connect(story, "positive", flux_guidance, "conditioning")
+        positive = (flux_guidance, 0)
+    latent = b.add("EmptySD3LatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE})
+    sampler = b.add("KSampler", 2, dict({"seed": 42, "steps": 2, "cfg": 1.0}, **sampler_widgets))
+    decode = b.add("VAEDecode", 3)
+    page = b.add("StoryDiffusionComicPage", 3, DIT_COMIC_PAGE)
+    save = b.add("SaveImage", 4, {"filename_prefix": prefix})
+    b.connect(*clip_out, story, "clip")
+    b.connect(*model_out, csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(story, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=positive, negative=(story, "negative"),
+                      latent=(latent, 0), vae=vae_out)
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+
+
+def comic_flux(b: WorkflowBuilder) -> None:
+    """Story -> Flux Guidance -> Consistent Self-Attention on Flux.1 dev -> KSampler (cfg 1) -> comic page."""
+    b.note("## StoryDiffusion comic (Flux.1 dev)\nOne line per panel in **Story**; `[Name]` puts a character in a "
+           "panel. Consistent Self-Attention shares image tokens between the panels inside Flux's joint attention "
+           "(by default the later half of the network: double-stream blocks 10–18 and every single-stream block; "
+           "`layers` = all blocks or a custom list such as `double 10-18, single 0-37`).\n\n"
+           "Files: `flux1-dev.safetensors` (or `flux1-dev-fp8.safetensors`, set weight_dtype fp8_e4m3fn) in "
+           "`models/diffusion_models`; `clip_l.safetensors` and `t5xxl_fp16.safetensors` (or `t5xxl_fp8_e4m3fn`) in "
+           "`models/text_encoders`; `ae.safetensors` in `models/vae`. Flux.1 schnell works too (4 steps, no Flux "
+           "Guidance).\n\n"
+           f"**Before a real run:** Empty SD3 Latent Image 1024×1024 (or 768×768 for four panels on 24 GB), KSampler "
+           f"20–30 steps, cfg 1.0 (Flux Guidance {FLUX_GUIDANCE} does the guiding), euler / simple. VRAM: about 24 GB "
+           "in bf16 for four 1024 px panels, 12–16 GB with the fp8 files and 768 px; lower `rate` or set "
+           "`window_size` to save memory. The file ships at 64 px / 2 steps so CI can run it on random models.",
+           0, height=500)
+    unet = b.add("UNETLoader", 0, {"unet_name": FLUX_DEV_FILE})
+    clip = b.add("DualCLIPLoader", 0, {"clip_name1": FLUX_CLIP_L_FILE, "clip_name2": FLUX_T5XXL_FILE, "type": "flux"})
+    vae = b.add("VAELoader", 0, {"vae_name": FLUX_VAE_FILE})
+    _dit_story_to_page(b, (unet, 0), (clip, 0), (vae, 0), "storydiffusion/comic_flux",
+                       {"sampler_name": "euler", "scheduler": "simple"}, guidance=FLUX_GUIDANCE)
+
+
+def comic_zimage(b: WorkflowBuilder) -> None:
+    """Story -> Consistent Self-Attention on Z-Image Turbo (AuraFlow shift 3) -> KSampler (cfg 1) -> comic page."""
+    b.note("## StoryDiffusion comic (Z-Image Turbo)\nOne line per panel in **Story**; `[Name]` puts a character in "
+           "a panel. Consistent Self-Attention shares image tokens between the panels inside Z-Image's "
+           "single-stream layers (by default the later half: layers 15–29; the caption and noise refiners are never "
+           "shared; `layers` = all blocks or a custom list such as `single 10-29`).\n\n"
+           "Files: `z_image_turbo_bf16.safetensors` in `models/diffusion_models`, `qwen_3_4b.safetensors` in "
+           "`models/text_encoders` (CLIP loader type lumina2), `ae.safetensors` (the Flux VAE) in `models/vae`.\n\n"
+           f"**Before a real run:** Empty SD3 Latent Image 1024×1024, KSampler 8–9 steps, cfg 1.0, res_multistep / "
+           f"simple, Model Sampling AuraFlow shift {Z_IMAGE_SHIFT:g} (ComfyUI's Z-Image Turbo template). VRAM: about "
+           "16 GB for four 1024 px panels in bf16, 12 GB at 768 px; lower `rate` or set `window_size` to save memory. "
+           "The file ships at 64 px / 2 steps so CI can run it on random models.", 0, height=460)
+    unet = b.add("UNETLoader", 0, {"unet_name": Z_IMAGE_FILE})
+    clip = b.add("CLIPLoader", 0, {"clip_name": Z_IMAGE_TEXT_FILE, "type": "lumina2"})
+    vae = b.add("VAELoader", 0, {"vae_name": FLUX_VAE_FILE})
+    shift = b.add("ModelSamplingAuraFlow", 1, {"shift": Z_IMAGE_SHIFT})
+    b.connect(unet, 0, shift, "model")
+    _dit_story_to_page(b, (shift, 0), (clip, 0), (vae, 0), "storydiffusion/comic_zimage",
+                       {"sampler_name": "res_multistep", "scheduler": "simple"})
+
+
 # Wan 2.1 FLF2V: core ComfyUI's Wan nodes (UNETLoader, CLIPLoader type "wan", WanFirstLastFrameToVideo) once per panel
 # pair, the pack's Wan Per-frame Semantics steering each latent frame by the predictor's tokens. The names are the
 # public files (Comfy-Org/Wan_2.1_ComfyUI_repackaged); the tests write tiny random files under them
@@ -467,6 +552,12 @@ WORKFLOWS: dict[str, Workflow] = {
                                     "pack) animates each transition between two panels, joined into one mp4.",
         (".mp4",), video_frames=ANIMATEDIFF_VIDEO_FRAMES, title="Story panels to video (AnimateDiff)",
         requires=ANIMATEDIFF_NODES),
+    "comic_flux": Workflow(
+        comic_flux, "A four panel comic page from one story text on Flux.1 dev: consistent self attention inside "
+                    "the joint attention keeps the characters the same.", (".png",), title="Comic page (Flux.1 dev)"),
+    "comic_zimage": Workflow(
+        comic_zimage, "A four panel comic page from one story text on Z Image Turbo: consistent characters in "
+                      "eight steps.", (".png",), title="Comic page (Z-Image Turbo)"),
     "story_to_video_wan": Workflow(
         story_to_video_wan, "Story panels to a video with Wan 2.1: each pair of panels becomes a first and last frame "
                             "transition, steered frame by frame by the predicted panel embeddings, joined into one mp4.",

@@ -163,6 +163,25 @@ def progress_bar(total: int):
     return lambda done, total_now=total: bar.update_absolute(done, total_now)
 
 
+# Text encoders whose diffusion model pads every caption itself to a multiple of tokens and cannot take a caption
+# mask: Z-Image (NextDiT pad_tokens_multiple 32, comfy/ldm/lumina/model.py patchify_and_embed; ComfyUI 0.3.75 and
+# 0.8.0) appends its learned cap_pad_token without extending the mask, and hands the [batch, tokens] 0/1 mask to the
+# caption refiner's attention as it is (an additive bias of the wrong shape). Core ComfyUI never sends it one (a
+# single prompt's mask is all ones and model_base drops it). So a padded Z-Image story batch is padded to a multiple
+# of 32 (nothing left for the model to append) and sent without the mask: the pad tokens stay visible, as the model's
+# own cap_pad_token padding is.
+CAPTION_MULTIPLES = {"ZImageTokenizer": 32}
+
+
+def caption_multiple(clip) -> int:
+    """The token multiple a padded panel batch of this `clip` must have (1: any length, mask kept)."""
+    return CAPTION_MULTIPLES.get(type(getattr(clip, "tokenizer", None)).__name__, 1)
+
+
+def _without_attention_mask(conditioning: list) -> list:
+    return [[cond, {k: v for k, v in options.items() if k != "attention_mask"}] for cond, options in conditioning]
+
+
 def encode_panels(clip, prompts: list[str], lines: list[int] | None = None, progress=None) -> list:
     """Prompts -> batched CONDITIONING; identical prompts are encoded once.
 
@@ -179,12 +198,15 @@ def encode_panels(clip, prompts: list[str], lines: list[int] | None = None, prog
     if len(lengths) > 1 and len(per_panel[0]) == 1:
         # token-level encoders (T5 / LLM): pad short panels the encoder's way, not by tiling
         longest = max(lengths)
+        longest += (-longest) % caption_multiple(clip)
         padded: dict[str, list | None] = {}
         for prompt, entries in zip(prompts, per_panel):
             if int(entries[0][0].shape[1]) < longest and prompt not in padded:
                 padded[prompt] = pad_like_encoder(clip, prompt, entries, longest)
         if padded and all(v is not None for v in padded.values()):
             per_panel = [padded.get(p) or entries for p, entries in zip(prompts, per_panel)]
+            if caption_multiple(clip) > 1:
+                per_panel = [_without_attention_mask(entries) for entries in per_panel]
     return batch_conditioning(per_panel, lines)
 
 

@@ -125,18 +125,23 @@ def test_panels_of_different_lengths_are_padded_by_the_encoder_not_tiled(comfy_n
     lengths = [c[0].shape[1] for c in cores]
     assert len(set(lengths)) > 1  # the precondition of this test
     longest = max(lengths)
+    if family == "z_image":  # Z-Image pads captions to 32 tokens itself, without their mask: the batch is a multiple
+        longest += (-longest) % 32
     assert cond.shape[1] == longest  # not the lcm of the lengths
     key = FAMILIES[family]
+    if family == "z_image":  # sent without a mask (ComfyUI's Z-Image cannot take one): the pad tokens stay visible
+        assert "attention_mask" not in extras
+    unmasked = (lambda e: {k: v for k, v in e.items() if k != "attention_mask"}) if family == "z_image" else (lambda e: e)
     for i, (core_cond, core_extras) in enumerate(cores):
         n = core_cond.shape[1]
         if n == longest:
             assert torch.equal(cond[i:i + 1], core_cond)
-            assert_same_extras(extras, i, core_extras, n)
+            assert_same_extras(extras, i, unmasked(core_extras), n)
             continue
         ((ref_cond, ref_extras),) = core_padded(clip, story.panels[i].prompt, key, longest)
         assert torch.equal(cond[i:i + 1], ref_cond)
-        assert_same_extras(extras, i, ref_extras, longest)
-        if family in MASKED:
+        assert_same_extras(extras, i, unmasked(ref_extras), longest)
+        if family in MASKED and family != "z_image":
             mask = extras["attention_mask"][i]
             assert int(mask.sum()) == n and mask.shape[0] == longest  # exactly the padding is masked
             assert torch.equal(mask[:n], torch.ones(n, dtype=mask.dtype))  # right padding

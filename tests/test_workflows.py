@@ -29,6 +29,7 @@ from PIL import Image
 
 import animatediff_fixtures
 import comfy_env
+import dit_workflow_fixtures
 import harness
 import tiny_models
 import wan_fixtures
@@ -133,7 +134,8 @@ def ui_server(tmp_path_factory):
         (models / name).mkdir(parents=True)
     server = harness.ComfyServer(str(root / "server"), str(models),
                                  extra_args=FAST_CPU_ARGS + ade_server_args(root, models)
-                                 + wan_fixtures.server_args(str(root / "wan")))
+                                 + wan_fixtures.server_args(str(root / "wan"))
+                                 + dit_workflow_fixtures.server_args(str(root / "dit_nodes")))
     _prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
@@ -237,12 +239,24 @@ def _write_panel(path: str, checkpoint=None) -> None:
     Image.fromarray(np.maximum(disc, ground).astype(np.uint8)).save(path)
 
 
+def _text_encoder_writer(kind: str):
+    """A tiny text encoder of `kind` (tests/tiny_text_encoders.py: real tokenizers and key names, tiny widths)."""
+    def write(path: str, checkpoint=None) -> None:
+        import tiny_text_encoders
+
+        tiny_text_encoders.write(kind, path)
+    return write
+
+
 MODEL_WRITERS = {"photomaker": _write_photomaker, "ipadapter_sd15": _write_ipadapter_sd15,
                  "ipadapter_sd15_real_width": _write_ipadapter_sd15_real_width,
-                 "clip_vision_vit_l": _write_clip_vision_vit_l, "photo": _write_reference_photo, "panel": _write_panel}
+                 "clip_vision_vit_l": _write_clip_vision_vit_l, "photo": _write_reference_photo, "panel": _write_panel,
+                 **{kind: _text_encoder_writer(kind) for kind in ("clip_l", "t5xxl", "qwen3_4b")}}
 # big files written once per machine (.harness/cache) and linked in: what AnimateDiff needs (tests/animatediff_fixtures.py)
 CACHED_FILES = {"sd15_real_width": animatediff_fixtures.cached_real_width_checkpoint,
-                "motion_module_sd15_v2": _cached_motion_module_ckpt}
+                "motion_module_sd15_v2": _cached_motion_module_ckpt,
+                # the DiT workflows' diffusion models and VAE: full width (detection fixes it), 1-2 GB each
+                **dit_workflow_fixtures.CACHED_FILES}
 # Wan 2.1 (story_to_video_wan): tiny diffusion model and VAE; CLIP vision H (full size) and the tiny umt5 cached
 MODEL_WRITERS.update(wan_fixtures.WRITERS)
 CACHED_FILES.update(wan_fixtures.CACHED)

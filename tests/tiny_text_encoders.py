@@ -272,6 +272,28 @@ def _clip_type(clip_type):
     return clip_type
 
 
+@contextlib.contextmanager
+def _detect_qwen3_4b():
+    """Detection of the tiny Qwen3-4B file as Qwen3-4B: ComfyUI 0.8.0 tells Qwen3-4B from Qwen3-2B by the hidden
+    width (2560 / 2048) and takes anything else for Llama-3 8B; 0.3.75 needs only the q_norm key."""
+    import comfy.sd
+
+    original = comfy.sd.detect_te_model
+    width = _CONFIGS["qwen3_4b"][1]["hidden_size"]
+
+    def detect(sd):
+        norm = sd.get("model.layers.0.post_attention_layernorm.weight")
+        if "model.layers.0.self_attn.q_norm.weight" in sd and norm is not None and norm.shape[0] == width:
+            return comfy.sd.TEModel.QWEN3_4B
+        return original(sd)
+
+    comfy.sd.detect_te_model = detect
+    try:
+        yield
+    finally:
+        comfy.sd.detect_te_model = original
+
+
 def load_files(paths: list[str], clip_type, model_options: dict | None = None):
     """`comfy.sd.load_clip` on files written here, with their config overrides (what the loader nodes
     do once `install_loader_hook()` is active)."""
@@ -283,7 +305,8 @@ def load_files(paths: list[str], clip_type, model_options: dict | None = None):
         if info is not None:
             options.setdefault(info["option"], dict(info["config"]))
     ctx = _detect_flux2() if any(i and i["kind"] == "mistral3_24b" for i in kinds) else contextlib.nullcontext()
-    with ctx:
+    qwen3 = _detect_qwen3_4b() if any(i and i["kind"] == "qwen3_4b" for i in kinds) else contextlib.nullcontext()
+    with ctx, qwen3:
         return _ORIGINAL_LOAD_CLIP[0](ckpt_paths=list(paths), embedding_directory=None,
                                       clip_type=_clip_type(clip_type), model_options=options)
 
