@@ -34,7 +34,6 @@ SNAPSHOT = os.path.join(os.path.dirname(REPO), "shared", "thirdparty", "ComfyUI-
 ADE_NAME = "ComfyUI-AnimateDiff-Evolved"
 CUSTOM_NODES = os.path.join(REPO, ".harness", "thirdparty", "ade")  # holds only ADE: a custom_nodes folder
 ADE_DIR = os.path.join(CUSTOM_NODES, ADE_NAME)
-CACHE = os.path.join(REPO, ".harness", "cache", "animatediff")
 MOTION_FOLDER = "animatediff_models"
 
 # mm_sd_v15_v2 facts: widths per level, modules per block, attention blocks per module, position table length
@@ -170,18 +169,7 @@ def motion_module_state_dict(seed: int = 0, dtype=torch.float16, out_scale: floa
 
 
 def _cached(name: str, write) -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    path = os.path.join(CACHE, name)
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=CACHE)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
+    return comfy_env.cached_file("animatediff", name, write)
 
 
 def cached_motion_module() -> str:

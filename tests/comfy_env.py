@@ -46,3 +46,23 @@ def import_pack():
     sys.modules[PACK_MODULE] = module
     spec.loader.exec_module(module)
     return module
+
+
+def cached_file(folder: str, name: str, write) -> str:
+    """`write(path)` once per machine into .harness/cache/<folder>/<name> and return that path (bump the name
+    when the writer changes). Written under a temporary name, then renamed: never a half-written cache file."""
+    import tempfile
+
+    cache = os.path.join(REPO, ".harness", "cache", folder)
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, name)
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(name)[1], dir=cache)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path

@@ -93,3 +93,11 @@ def server(tmp_path_factory, models_dir):
     os.makedirs(artifacts, exist_ok=True)
     with open(os.path.join(artifacts, "server.log"), "w") as f:
         f.write(srv.read_log())
+
+
+@pytest.fixture(scope="session")
+def csa(pack, comfy_nodes):
+    """attention/comfy_adapter.py of the pack, imported once ComfyUI's nodes are loaded."""
+    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
+
+    return comfy_adapter

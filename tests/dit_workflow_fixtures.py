@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 
 import torch
 
+import comfy_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(REPO, ".harness", "cache", "dit")
 
 TEST_NODES = os.path.join(REPO, "tests", "comfy_test_nodes")
 
@@ -200,18 +200,7 @@ def _layout_tag(shapes: dict) -> str:
 
 
 def _cached(name: str, write) -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    path = os.path.join(CACHE, name)
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=CACHE)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
+    return comfy_env.cached_file("dit", name, write)
 
 
 def cached_flux_dev() -> str:

@@ -13,13 +13,6 @@ import tiny_models
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def csa(pack, comfy_nodes):
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
-
-    return comfy_adapter
-
-
 def make_sd15(seed: int = 1, **kw):
     """tiny_models' SD1.5 layout: transformers at input 1,2,4,5,7,8, middle, output 3-11."""
     return tiny_models.make_model("sd15", seed=seed, **kw)

@@ -15,13 +15,6 @@ CONTEXT_DIM, POOLED_DIM = 16, 8  # tiny_models.flux_unet_config defaults
 
 
 @pytest.fixture(scope="module")
-def csa(pack, comfy_nodes):
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
-
-    return comfy_adapter
-
-
-@pytest.fixture(scope="module")
 def flux():
     return tiny_models.make_dit("flux", seed=1)
 

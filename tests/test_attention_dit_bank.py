@@ -21,13 +21,6 @@ ONE_WAY = [[False, True, False, False], [True, False, False, False], [True, True
 
 
 @pytest.fixture(scope="module")
-def csa(pack, comfy_nodes):
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
-
-    return comfy_adapter
-
-
-@pytest.fixture(scope="module")
 def models():
     return {}
 

@@ -16,13 +16,6 @@ IMAGE = 16  # an 8x8 latent in 2x2 patches
 
 
 @pytest.fixture(scope="module")
-def csa(pack, comfy_nodes):
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
-
-    return comfy_adapter
-
-
-@pytest.fixture(scope="module")
 def models():
     return {}
 

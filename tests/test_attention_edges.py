@@ -10,13 +10,6 @@ from test_attention_comfy import STEPS, conds, ksampler, make_story, patch
 
 
 @pytest.fixture(scope="module")
-def csa(pack, comfy_nodes):
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
-
-    return comfy_adapter
-
-
-@pytest.fixture(scope="module")
 def sd15():
     return tiny_models.make_model("sd15", seed=1)
 

@@ -246,22 +246,28 @@ def read_kind(path: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def _detect_flux2():
-    """Detection of the tiny Mistral-3 file as the pruned Flux.2 encoder (see module docstring)."""
+def _detect_first(rule):
+    """comfy.sd.detect_te_model with `rule(state_dict)` (a TEModel, or None to fall through) tried first."""
     import comfy.sd
 
     original = comfy.sd.detect_te_model
-
-    def detect(sd):
-        if "tekken_model" in sd and "model.layers.0.post_attention_layernorm.weight" in sd:
-            return comfy.sd.TEModel.MISTRAL3_24B_PRUNED_FLUX2
-        return original(sd)
-
-    comfy.sd.detect_te_model = detect
+    comfy.sd.detect_te_model = lambda sd: rule(sd) or original(sd)
     try:
         yield
     finally:
         comfy.sd.detect_te_model = original
+
+
+def _detect_flux2():
+    """Detection of the tiny Mistral-3 file as the pruned Flux.2 encoder (see module docstring)."""
+    import comfy.sd
+
+    def rule(sd):
+        if "tekken_model" in sd and "model.layers.0.post_attention_layernorm.weight" in sd:
+            return comfy.sd.TEModel.MISTRAL3_24B_PRUNED_FLUX2
+        return None
+
+    return _detect_first(rule)
 
 
 def _clip_type(clip_type):
@@ -272,26 +278,20 @@ def _clip_type(clip_type):
     return clip_type
 
 
-@contextlib.contextmanager
 def _detect_qwen3_4b():
     """Detection of the tiny Qwen3-4B file as Qwen3-4B: ComfyUI 0.8.0 tells Qwen3-4B from Qwen3-2B by the hidden
     width (2560 / 2048) and takes anything else for Llama-3 8B; 0.3.75 needs only the q_norm key."""
     import comfy.sd
 
-    original = comfy.sd.detect_te_model
     width = _CONFIGS["qwen3_4b"][1]["hidden_size"]
 
-    def detect(sd):
+    def rule(sd):
         norm = sd.get("model.layers.0.post_attention_layernorm.weight")
         if "model.layers.0.self_attn.q_norm.weight" in sd and norm is not None and norm.shape[0] == width:
             return comfy.sd.TEModel.QWEN3_4B
-        return original(sd)
+        return None
 
-    comfy.sd.detect_te_model = detect
-    try:
-        yield
-    finally:
-        comfy.sd.detect_te_model = original
+    return _detect_first(rule)
 
 
 def load_files(paths: list[str], clip_type, model_options: dict | None = None):

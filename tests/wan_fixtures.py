@@ -31,7 +31,6 @@ import comfy_env
 import tiny_models
 
 REPO = comfy_env.REPO
-CACHE = os.path.join(REPO, ".harness", "cache", "wan")
 TEST_NODES = os.path.join(REPO, "tests", "comfy_test_nodes")
 
 # ComfyUI's WanModel: text_dim and the image projection's input are fixed (not read from the file)
@@ -146,18 +145,7 @@ def write_clip_vision_h(path: str, seed: int = 0) -> str:
 
 
 def _cached(name: str, write) -> str:
-    """`write(path)` once per machine into .harness/cache/wan/<name> (bump the name when the writer changes)."""
-    os.makedirs(CACHE, exist_ok=True)
-    path = os.path.join(CACHE, name)
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.partial"
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
+    return comfy_env.cached_file("wan", name, write)
 
 
 def cached_clip_vision_h() -> str:
