@@ -114,9 +114,11 @@ class IdentityBankWrite:
                                                        "the GPU layer by layer) or the sampling device (one step at a time, "
                                                        "never the whole bank). The bank itself is kept in CPU memory."}),
             "dtype": (["fp16", "bf16", "fp32", "fp8"], {"default": "fp16",
-                                                        "tooltip": "Precision of the stored hidden states. fp16: what the "
-                                                                   "official code stores; fp8: half of that (e4m3 with a scale "
-                                                                   "per token, about 3% relative error per value); fp32: exact."}),
+                                                        "tooltip": "Precision of the stored tokens (UNets: hidden states; "
+                                                                   "DiTs: keys and values, twice the bytes). fp16: what the "
+                                                                   "official code stores; fp8: half of that (e4m3, at most "
+                                                                   "6.25% relative error per value; DiT tokens with one "
+                                                                   "scale per tensor); fp32: exact."}),
         }}
 
     def write(self, model, storage, dtype):
