@@ -174,6 +174,7 @@ class RunState:
     reported: int = -1  # the last step the sampler's callback reported (it fires after a step's first evaluation)
     evaluations_since_report: int = 0
     step: Optional[int] = None  # the step of the evaluation in progress (None: decide by sigma)
+    sigma: Optional[float] = None  # the sigma of the evaluation in progress (read once, not per layer)
 
     def __deepcopy__(self, memo):
         return self
@@ -195,6 +196,7 @@ class RunState:
 
     def start_evaluation(self, sigma: float):
         """Called once per model evaluation (PREDICT_NOISE wrapper), before its layer calls."""
+        self.sigma = sigma
         if self.reported >= 0:
             self.evaluations_since_report += 1
             if self.evaluations_since_report <= self.extra_evaluations(self.reported):
@@ -208,6 +210,11 @@ class RunState:
     def step_of(self, sigma: float) -> int:
         """The step a model call belongs to (a Heun correction at exactly sigmas[i+1] is step i)."""
         return self.step if self.step is not None else step_index(sigma, self.sample_sigmas)
+
+    def sigma_of(self, options: dict) -> float:
+        """This call's sigma: the evaluation's, read once by the PREDICT_NOISE wrapper (reading the sigmas tensor
+        in every layer would make the CPU wait for the GPU there), else from the call's options."""
+        return self.sigma if self.sigma is not None else float(options["sigmas"].flatten()[0])
 
     def roles_of(self, kinds) -> list:
         return glue.role_names(self.roles, kinds)
@@ -308,7 +315,7 @@ class BankWriteTap:
         layer = (block[0], block[1], extra_options.get("block_index", 0))
         if layer not in config.attn1:
             return n, context, value
-        sigma = float(extra_options["sigmas"].flatten()[0])
+        sigma = run.sigma_of(extra_options)
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, layer):
             return n, context, value  # no read will ask for this step and layer
@@ -362,7 +369,7 @@ class LayerReplace:
         kinds = list(extra_options.get("cond_or_uncond") or [0])
         chunks = len(kinds)
         rows, share = run.rows_of_call(q.shape[0], chunks, extra_options)
-        sigma = float(extra_options["sigmas"].flatten()[0])
+        sigma = run.sigma_of(extra_options)
         step = run.step_of(sigma)
         rate = config.rate_high_res if self.high_res else config.rate
         tokens = k.shape[1]
@@ -742,7 +749,7 @@ class DiTAttentionOverride:
         if text + image > tokens:
             raise PatchError(f"StoryDiffusion: a {config.family} block attends over {tokens} tokens, fewer than the "
                              f"{text} text + {image} image tokens of the model call (another patch changed the tokens?)")
-        sigma = float(options["sigmas"].flatten()[0])
+        sigma = run.sigma_of(options)
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, layer):
             return self.attend(func, q, k, v, heads, *args, **kwargs)

@@ -67,6 +67,16 @@ def sample_panel_tokens(num_tokens: int, rate: float, seed: int, step: int, laye
     return torch.stack([sample_tokens(num_tokens, rate, seed, step, layer, p) for p in panels])
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor (token indices) on `device` without stalling the GPU: a copy from pageable host memory
+    first waits for all queued GPU work, a non-blocking copy from pinned memory does not (PyTorch keeps the
+    pinned block alive until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def panel_plan(share: torch.Tensor, sampled: torch.Tensor, panels: int, window: int):
     """Checked inputs of a consistent attention call: (share without the diagonal, sampled indices on the
     CPU, the windows of panels: one over the batch, or the paper's sliding windows of W panels, stride 1)."""
@@ -135,6 +145,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         bank_k = bank_v = None
         bank_reads = [[] for _ in range(panels)]
 
+    flat_sampled = to_device(sampled + torch.arange(panels)[:, None] * tk, k.device)  # rows of k_flat, one copy
     single = len(windows) == 1
     out = torch.empty_like(q) if single else torch.zeros_like(q)
     out4 = out.view(chunks, panels, tq, dim)
@@ -159,7 +170,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
                     vv[:, at:at + nt].copy_(bank_v[:, b])
                     at += nt
                 if n_other:
-                    index = torch.cat([j * tk + sampled[j] for j in others]).to(k.device)
+                    index = torch.cat([flat_sampled[j] for j in others])
                     for c in range(chunks):  # kk[c, a:b] is contiguous: index_select writes straight into it
                         torch.index_select(k_flat[c], 0, index, out=kk[c, at:at + n_other])
                         torch.index_select(v_flat[c], 0, index, out=vv[c, at:at + n_other])
@@ -173,6 +184,6 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
                 out4[:, i].add_(result)
             del kk, vv, result
     if not single:
-        scale = (1.0 / counts).to(out.dtype).repeat(chunks).to(out.device)
-        out.mul_(scale[:, None, None])
+        for i in range(panels):  # the mean over the windows holding panel i (a scalar: no host-to-device copy)
+            out4[:, i].mul_(1.0 / float(counts[i]))
     return out

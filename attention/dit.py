@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import BankTokens, panel_plan
+from .core import BankTokens, panel_plan, to_device
 
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
 JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -94,7 +94,7 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q4 = q.reshape(chunks, panels, heads, tokens, dim)
     k4 = k.reshape(chunks, panels, heads, k.shape[2], dim)
     v4 = v.reshape(chunks, panels, heads, v.shape[2], dim)
-    positions = [(text_tokens + sampled[j]).to(k.device) for j in range(panels)]  # key positions others read
+    positions = to_device(text_tokens + sampled, k.device)  # [B, n] key positions others read, one copy
 
     single = len(windows) == 1
     out4 = None
@@ -136,8 +136,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 out4[:, i].add_(result)
             del kk, vv, result
     if not single:
-        scale = (1.0 / counts).to(out4.dtype).to(out4.device)
-        out4.mul_(scale.reshape((1, panels) + (1,) * (out4.ndim - 2)))
+        for i in range(panels):  # the mean over the windows holding panel i (a scalar: no host-to-device copy)
+            out4[:, i].mul_(1.0 / float(counts[i]))
     return out4.reshape((total,) + tuple(out4.shape[2:]))
 
 

@@ -99,6 +99,7 @@ def model_call(patcher, panels, latent, sigma, sample_sigmas, run=None):
                     "sample_sigmas": sample_sigmas})
     if run is not None:
         options[comfy_adapter.RUN_KEY] = run
+        run.start_evaluation(sigma)  # what the sampler's PREDICT_NOISE wrapper does once per evaluation
     with torch.inference_mode():
         return model.apply_model(x, torch.full((2 * panels,), sigma, device=device), c_crossattn=context,
                                  transformer_options=options)
