@@ -146,6 +146,8 @@ def main():
     parser.add_argument("--small", action="store_true", help="2 double + 2 single blocks, 256 px (CPU smoke run)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.small:
+        parser.error("the full-size model (11.9 B parameters) needs a CUDA device; on the CPU use --small")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     latent = 32 if args.small else 128
     image = (latent // 2) ** 2

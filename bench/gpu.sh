@@ -9,7 +9,7 @@
 # ipadapter, identity, story_comic) are recorded as "skipped: no ComfyUI" when there is none, or as
 # "skipped: ComfyUI does not import (...)" when a module it needs is missing; video as "skipped: no PyAV".
 # STORYDIFFUSION_BENCH_QUICK=1: every bench in its smoke size (a check of this script, not a measurement).
-# Each bench has its own time limit (450 s together, under 8 minutes with the checks); one that fails or
+# Each bench has its own time limit (600 s together, under 10 minutes with the checks); one that fails or
 # runs out of time is recorded in its file and in summary.txt, and the others still run.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -108,6 +108,11 @@ needs "$no_av" video 50 bench/bench_video.py "${q_video[@]}"
 needs "${no_comfy:-$no_av}" identity 50 bench/bench_identity.py "${q_identity[@]}"
 # Semantic Motion Predictor, paper size (CPU-bound)
 run motion 40 bench/bench_motion.py "${q_motion[@]}"
+# a whole Flux.1 dev step (11.9 B random bf16 parameters, 1024 px) with and without CSA: CUDA only
+no_cuda=
+[ ${#cuda[@]} -eq 0 ] && no_cuda="skipped: needs CUDA (a full-size Flux.1 dev model)"
+[ "$quick" = 1 ] && no_cuda="skipped: not in a quick run"
+needs "${no_comfy:-$no_cuda}" flux_model 150 bench/bench_flux_model.py --panels 2,4,8
 # Story node encoding and comic pages
 needs "${no_comfy:-$no_av}" story_comic 30 bench/bench_story_comic.py "${q_story[@]}"
 
