@@ -30,12 +30,21 @@ def core_sd15(b: WorkflowBuilder) -> None:
 
 
 def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, story_widgets: dict,
-                   prefix: str, size: int, page_widgets: dict, csa_widgets: dict | None = None) -> int:
-    """Story -> consistent attention -> one KSampler over all panels -> comic page (shared by the specs)."""
+                   prefix: str, size: int, page_widgets: dict, csa_widgets: dict | None = None, *,
+                   latent_node: str = "EmptyLatentImage", sampler_widgets: dict | None = None,
+                   guidance: float | None = None) -> int:
+    """Story -> consistent attention -> one KSampler over all panels -> comic page (shared by the specs).
+    DiTs pass their latent node (EmptySD3LatentImage: 16 channels), cfg 1 and, for Flux dev, a Flux Guidance."""
     story = b.add("StoryDiffusionStory", 1, story_widgets, width=420)
     csa = b.add("StoryDiffusionConsistentSelfAttention", 1, dict({"seed": 7}, **(csa_widgets or {})))
-    latent = b.add("EmptyLatentImage", 2, {"width": size, "height": size})
-    sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2 if size <= 64 else 25, "cfg": 5.0})
+    positive = (story, "positive")
+    if guidance is not None:
+        flux_guidance = b.add("FluxGuidance", 2, {"guidance": guidance})
+        b.connect(story, "positive", flux_guidance, "conditioning")
+        positive = (flux_guidance, 0)
+    latent = b.add(latent_node, 2, {"width": size, "height": size})
+    sampler = b.add("KSampler", 2, dict({"seed": 42, "steps": 2 if size <= 64 else 25, "cfg": 5.0},
+                                         **(sampler_widgets or {})))
     decode = b.add("VAEDecode", 3)
     page = b.add("StoryDiffusionComicPage", 3, page_widgets)
     save = b.add("SaveImage", 4, {"filename_prefix": prefix})
@@ -43,7 +52,7 @@ def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_ou
     b.connect(*model_out, csa, "model")
     b.connect(story, "story", csa, "story")
     b.connect(story, "panel_count", latent, "batch_size")
-    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(story, "positive"),
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=positive,
                       negative=(story, "negative"), latent=(latent, 0), vae=vae_out)
     b.connect(decode, 0, page, "images")
     b.connect(story, "captions", page, "captions")
@@ -363,29 +372,10 @@ DIT_COMIC_PAGE = {"layout": "classic comic", "page_width": 768}
 
 def _dit_story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, prefix: str,
                        sampler_widgets: dict, guidance: float | None = None) -> None:
-    """Story -> (Flux Guidance) -> Consistent Self-Attention -> one KSampler over every panel (16-channel latent)
-    -> comic page: _story_to_page for DiTs, which take no EmptyLatentImage and sample at cfg 1."""
-    story = b.add("StoryDiffusionStory", 1, DIT_COMIC_STORY, width=420)
-    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7})
-    positive = (story, "positive")
-    if guidance is not None:
-        flux_guidance = b.add("FluxGuidance", 2, {"guidance": guidance})
-        b.connect(story, "positive", flux_guidance, "conditioning")
-        positive = (flux_guidance, 0)
-    latent = b.add("EmptySD3LatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE})
-    sampler = b.add("KSampler", 2, dict({"seed": 42, "steps": 2, "cfg": 1.0}, **sampler_widgets))
-    decode = b.add("VAEDecode", 3)
-    page = b.add("StoryDiffusionComicPage", 3, DIT_COMIC_PAGE)
-    save = b.add("SaveImage", 4, {"filename_prefix": prefix})
-    b.connect(*clip_out, story, "clip")
-    b.connect(*model_out, csa, "model")
-    b.connect(story, "story", csa, "story")
-    b.connect(story, "panel_count", latent, "batch_size")
-    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=positive, negative=(story, "negative"),
-                      latent=(latent, 0), vae=vae_out)
-    b.connect(decode, 0, page, "images")
-    b.connect(story, "captions", page, "captions")
-    b.connect(page, "pages", save, "images")
+    """_story_to_page for DiTs: 16-channel latent, cfg 1, the DiT comic's story and page."""
+    _story_to_page(b, model_out, clip_out, vae_out, DIT_COMIC_STORY, prefix, TEST_SIZE, DIT_COMIC_PAGE,
+                   latent_node="EmptySD3LatentImage", sampler_widgets=dict({"cfg": 1.0}, **sampler_widgets),
+                   guidance=guidance)
 
 
 def comic_flux(b: WorkflowBuilder) -> None:
