@@ -371,12 +371,11 @@ class LayerReplace:
         rows, share = run.rows_of_call(q.shape[0], chunks, extra_options)
         sigma = run.sigma_of(extra_options)
         step = run.step_of(sigma)
+        if not config.schedule.active(step, sigma, self.layer):
+            return self.plain(q, k, v, extra_options)
         rate = config.rate_high_res if self.high_res else config.rate
         tokens = k.shape[1]
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), rows)
-
-        if not config.schedule.active(step, sigma, self.layer):
-            return self.plain(q, k, v, extra_options)
         bank = None
         if run.bank_reads is not None:
             bank = self.bank_tokens(config, run, step, kinds, tokens, k)
@@ -744,7 +743,8 @@ class DiTAttentionOverride:
         layer, text, image = located
         if layer is None or layer not in config.layers:
             return self.attend(func, q, k, v, heads, *args, **kwargs)
-        chunks = len(options.get("cond_or_uncond") or [0])
+        kinds = list(options.get("cond_or_uncond") or [0])
+        chunks = len(kinds)
         rows, share = run.rows_of_call(q.shape[0], chunks, options)
         if text + image > tokens:
             raise PatchError(f"StoryDiffusion: a {config.family} block attends over {tokens} tokens, fewer than the "
@@ -754,7 +754,6 @@ class DiTAttentionOverride:
         if not config.schedule.active(step, sigma, layer):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
         sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), rows)
-        kinds = list(options.get("cond_or_uncond") or [0])
         if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
             q4, k4, v4 = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         else:

@@ -90,6 +90,13 @@ def panel_plan(share: torch.Tensor, sampled: torch.Tensor, panels: int, window: 
     return share, sampled.to(torch.long).cpu(), windows
 
 
+def mean_over_windows(out4: torch.Tensor, windows: list) -> None:
+    """Divide panel i's summed outputs ([chunks, panels, ...], in place) by the number of windows holding it.
+    Scalars per panel: no host-to-device copy on the GPU."""
+    for i in range(out4.shape[1]):
+        out4[:, i].mul_(1.0 / sum(1 for members in windows if i in members))
+
+
 @dataclass(frozen=True)
 class BankTokens:
     """Tokens read from an identity bank for one layer call.
@@ -149,10 +156,8 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     single = len(windows) == 1
     out = torch.empty_like(q) if single else torch.zeros_like(q)
     out4 = out.view(chunks, panels, tq, dim)
-    counts = torch.zeros(panels)
     for members in windows:
         for i in members:
-            counts[i] += 1
             others = [j for j in members if share[i, j]]
             n_bank = sum(bank_k.shape[2] for _ in bank_reads[i]) if bank_k is not None else 0
             n_other = sum(int(sampled[j].numel()) for j in others)
@@ -184,6 +189,5 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
                 out4[:, i].add_(result)
             del kk, vv, result
     if not single:
-        for i in range(panels):  # the mean over the windows holding panel i (a scalar: no host-to-device copy)
-            out4[:, i].mul_(1.0 / float(counts[i]))
+        mean_over_windows(out4, windows)
     return out

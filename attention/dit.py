@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .core import BankTokens, panel_plan, to_device
+from .core import BankTokens, mean_over_windows, panel_plan, to_device
 
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
 JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -98,10 +98,8 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     single = len(windows) == 1
     out4 = None
-    counts = torch.zeros(panels)
     for members in windows:
         for i in members:
-            counts[i] += 1
             others = [j for j in members if share[i, j]]
             n_bank = len(bank_reads[i]) * (bank_k.shape[3] if bank_k is not None else 0)
             n_other = sum(int(sampled[j].numel()) for j in others)
@@ -124,8 +122,10 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                     kk[:, :, at:at + n].copy_(k4[:, j].index_select(2, positions[j]))
                     vv[:, :, at:at + n].copy_(v4[:, j].index_select(2, positions[j]))
                     at += n
-                first_image = torch.full((n_bank,), text_tokens, dtype=torch.long, device=k.device)
-                columns = torch.cat([first_image] + [positions[j] for j in others])
+                columns = None
+                if mask is not None:  # the mask columns of the appended keys
+                    first_image = torch.full((n_bank,), text_tokens, dtype=torch.long, device=k.device)
+                    columns = torch.cat([first_image] + [positions[j] for j in others])
             result = attention(q4[:, i], kk, vv, _panel_mask(mask, chunks, panels, i, columns))
             if out4 is None:
                 shape = (chunks, panels) + tuple(result.shape[1:])
@@ -136,8 +136,7 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 out4[:, i].add_(result)
             del kk, vv, result
     if not single:
-        for i in range(panels):  # the mean over the windows holding panel i (a scalar: no host-to-device copy)
-            out4[:, i].mul_(1.0 / float(counts[i]))
+        mean_over_windows(out4, windows)
     return out4.reshape((total,) + tuple(out4.shape[2:]))
 
 
