@@ -225,8 +225,14 @@ CLIP_VISION_FILE = ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.saf
 IPADAPTER_SD15_FILE = ModelFile("ipadapter", "ip-adapter_sd15.safetensors", "ipadapter_sd15")
 VIDEO_PANELS = 3
 VIDEO_FRAMES_PER_TRANSITION = 4
-# StoryVideo with overlap 1: adjacent transitions share their panel frame
-VIDEO_FRAMES = (VIDEO_PANELS - 1) * VIDEO_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+
+
+def joined_frames(per_transition: int, panels: int = VIDEO_PANELS) -> int:
+    """Frames of the joined video: one transition per panel pair, Story Video overlapping neighbours by 1 frame."""
+    return (panels - 1) * per_transition - (panels - 2)
+
+
+VIDEO_FRAMES = joined_frames(VIDEO_FRAMES_PER_TRANSITION)
 
 
 def panels_to_per_frame_model(b: WorkflowBuilder, checkpoint: ModelFile, ipadapter_file: ModelFile,
@@ -306,7 +312,7 @@ ANIMATEDIFF_CONTEXT_OVERLAP = 4
 ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION = 6
 ANIMATEDIFF_TEST_CONTEXT_LENGTH = 4
 ANIMATEDIFF_TEST_CONTEXT_OVERLAP = 2
-ANIMATEDIFF_VIDEO_FRAMES = (VIDEO_PANELS - 1) * ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+ANIMATEDIFF_VIDEO_FRAMES = joined_frames(ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION)
 ANIMATEDIFF_SIZE_NOTE = (
     f"**Before a real run:** Empty Latent Image 512×512, KSampler 20+ steps, Semantic Motion Predictor frames "
     f"{ANIMATEDIFF_FRAMES_PER_TRANSITION}, Context Options context_length {ANIMATEDIFF_CONTEXT_LENGTH} and "
@@ -438,7 +444,7 @@ WAN_STRENGTH = 0.3  # Wan Per-frame Semantics: above 0 is off the model's traini
 # what the shipped file holds, so the browser test runs it on CPU: 64 px, 2 steps, 9 frames (3 latent frames)
 WAN_TEST_FRAMES_PER_TRANSITION = 9
 WAN_TEST_SIZE = 64
-WAN_VIDEO_FRAMES = (VIDEO_PANELS - 1) * WAN_TEST_FRAMES_PER_TRANSITION - (VIDEO_PANELS - 2)
+WAN_VIDEO_FRAMES = joined_frames(WAN_TEST_FRAMES_PER_TRANSITION)
 WAN_SIZE_NOTE = (
     f"**Before a real run:** WanFirstLastFrameToVideo {WAN_SIZE[0]}×{WAN_SIZE[1]} (480p; the 720p FLF2V model "
     f"1280×720; keep your panels' aspect), Semantic Motion Predictor frames {WAN_FRAMES_PER_TRANSITION} (4k + 1; it "
