@@ -174,9 +174,10 @@ class IdentityBank:
         theirs = [set(c) for c in self.characters]
         return torch.tensor([[bool(a & b) for b in theirs] for a in mine], dtype=torch.bool).reshape(rows, len(theirs))
 
-    def hidden(self, step: int, layer, roles: Sequence[str], num_tokens: int, device=None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[chunks, bank panels, tokens, channels]: the stored hidden states for one layer call, one chunk per role.
+    def stored_tokens(self, step: int, layer, roles: Sequence[str], num_tokens: int, device=None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[chunks, bank panels, tokens, channels]: the stored tokens (UNet hidden states, or a DiT's keys and
+        values) for one layer call, one chunk per role.
 
         Tensors of one step are decoded (and moved) once and kept until the next step is asked for.
         """

@@ -354,7 +354,7 @@ class LayerReplace:
     def bank_tokens(self, config: CSAConfig, run: RunState, step: int, kinds, tokens: int, k) -> core.BankTokens:
         """The bank's hidden states for this call, projected by this layer's own to_k/to_v."""
         try:
-            hidden = config.bank.hidden(step, self.layer, run.roles_of(kinds), tokens, device=k.device, dtype=k.dtype)
+            hidden = config.bank.stored_tokens(step, self.layer, run.roles_of(kinds), tokens, device=k.device, dtype=k.dtype)
         except BankError as e:
             raise BankError(f"StoryDiffusion: {e}") from None
         attn1 = config.attn1[self.layer]
@@ -780,7 +780,7 @@ class DiTAttentionOverride:
                     k) -> core.BankTokens:
         """The bank's keys and values for this call, [chunks, bank panels, heads, n, dim] each."""
         try:
-            stored = config.bank.hidden(step, layer, run.roles_of(kinds), image, device=k.device, dtype=k.dtype)
+            stored = config.bank.stored_tokens(step, layer, run.roles_of(kinds), image, device=k.device, dtype=k.dtype)
         except BankError as e:
             raise BankError(f"StoryDiffusion: {e}") from None
         bank_k, bank_v = dit.bank_keys_values(stored.to(k.device, k.dtype), heads)

@@ -105,7 +105,7 @@ bank = bank_mod.IdentityBank.load({path!r})
 before = hwm()
 for step in range({steps}):
     for index, tokens in enumerate(layers):
-        bank.hidden(step, ("output", index, 0), ["positive", "negative"], tokens)
+        bank.stored_tokens(step, ("output", index, 0), ["positive", "negative"], tokens)
 print((hwm() - before) / 1024)
 """
     # a fixed mmap threshold: glibc's dynamic one otherwise keeps freed step tensors in the heap, and RSS

@@ -234,17 +234,17 @@ def test_bank_lookup_and_errors(att):
     reads = bank.reads_for(3, [("Ann",), ("Ann", "Bob"), ()])
     assert bank.reads_for(2).all() and bank.reads_for(2).shape == (2, 2)  # no story: every bank panel
     assert reads.tolist() == [[True, False], [True, True], [False, False]]
-    hidden = bank.hidden(1, ("output", 3, 0), ["negative", "positive"], 10)
+    hidden = bank.stored_tokens(1, ("output", 3, 0), ["negative", "positive"], 10)
     assert hidden.shape == (2, 2, 5, 16)
     torch.testing.assert_close(hidden[0], _written(1, 1).half().float(), atol=0, rtol=0)  # negative first, as asked
     with pytest.raises(bank_mod.BankError, match="2 sampling steps, this run has 3"):
         bank.check_run([3.0, 2.0, 1.0, 0.0])
     with pytest.raises(bank_mod.BankError, match="another resolution"):
-        bank.hidden(0, ("output", 3, 0), ["positive"], 40)
+        bank.stored_tokens(0, ("output", 3, 0), ["positive"], 40)
     with pytest.raises(bank_mod.BankError, match="no tokens for layer output.4.0"):
-        bank.hidden(0, ("output", 4, 0), ["positive"], 10)
+        bank.stored_tokens(0, ("output", 4, 0), ["positive"], 10)
     with pytest.raises(bank_mod.BankError, match="no middle pass for step 0"):
-        bank.hidden(0, ("output", 3, 0), ["middle"], 10)
+        bank.stored_tokens(0, ("output", 3, 0), ["middle"], 10)
     with pytest.raises(bank_mod.BankError, match="empty"):
         bank_mod.IdentityBank().check_run([1.0, 0.0])
 
@@ -256,13 +256,13 @@ def test_bank_storage_precision(att, dtype, tolerance):
     _, _, bank_mod = att
     bank = _filled_bank(bank_mod, dtype=dtype)
     for step in range(2):
-        got = bank.hidden(step, ("output", 3, 0), ["positive", "negative"], 10)
+        got = bank.stored_tokens(step, ("output", 3, 0), ["positive", "negative"], 10)
         for chunk in range(2):
             want = _written(step, chunk)
             error = (got[chunk] - want).abs() / want.abs().amax(dim=-1, keepdim=True)
             assert float(error.max()) <= tolerance
     if dtype == "fp32":
-        assert torch.equal(bank.hidden(0, ("output", 3, 0), ["positive"], 10)[0], _written(0, 0))
+        assert torch.equal(bank.stored_tokens(0, ("output", 3, 0), ["positive"], 10)[0], _written(0, 0))
 
 
 def test_fp8_bank_is_half_of_fp16(att):
@@ -285,7 +285,7 @@ def test_bank_file_round_trip(att, tmp_path):
         assert loaded.keys() == bank.keys() and loaded.dtype_name == dtype
         for step in range(2):
             args = (step, ("output", 3, 0), ["positive", "negative"], 10)
-            assert torch.equal(loaded.hidden(*args), bank.hidden(*args))
+            assert torch.equal(loaded.stored_tokens(*args), bank.stored_tokens(*args))
         copy = tmp_path / f"copy_{dtype}.safetensors"
         loaded.save(str(copy))  # a loaded bank saves as its file
         assert copy.read_bytes() == path.read_bytes()
@@ -316,7 +316,7 @@ def test_loaded_bank_streams_one_step_at_a_time(att, tmp_path, monkeypatch):
     monkeypatch.setattr(bank_mod.IdentityBank, "_load_step",
                         lambda self, step, *a, **k: seen.append(step) or real(self, step, *a, **k))
     for step in (0, 0, 1, 1):
-        loaded.hidden(step, ("output", 3, 0), ["positive", "negative"], 10)
+        loaded.stored_tokens(step, ("output", 3, 0), ["positive", "negative"], 10)
         assert {key[0] for key in loaded._step_cache[3]} == {step}
     assert seen == [0, 1]
 

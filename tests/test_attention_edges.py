@@ -170,7 +170,7 @@ def test_the_bank_stores_the_hidden_states_the_batch_attended_to(csa, sd15):
         tokens = hidden.shape[1]
         sampled = core.sample_panel_tokens(tokens, config.rate_high_res, config.seed, step, layer_ordinal(layer), (0, 1))
         roles = [("positive", "negative")[k] for k in kinds]
-        stored = bank.hidden(step, layer, roles, tokens)
+        stored = bank.stored_tokens(step, layer, roles, tokens)
         for chunk in range(len(kinds)):
             for panel in range(2):
                 assert torch.equal(stored[chunk, panel], hidden[chunk * 2 + panel, sampled[panel]])
