@@ -89,13 +89,14 @@ import bench_video
 core = bench_video.load_core()
 images = bench_video.make_frames({frames})
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-path = os.path.join(tempfile.mkdtemp(), "m.mp4")
-if {naive}:
-    whole = (images * 255).clamp(0, 255).to(torch.uint8).numpy()
-    core.write_video(iter(whole), path, "mp4", 24.0)
-else:
-    core.write_video(core.frames_as_uint8(images, range(images.shape[0])), path, "mp4", 24.0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "m.mp4")
+    if {naive}:
+        whole = (images * 255).clamp(0, 255).to(torch.uint8).numpy()
+        core.write_video(iter(whole), path, "mp4", 24.0)
+    else:
+        core.write_video(core.frames_as_uint8(images, range(images.shape[0])), path, "mp4", 24.0)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) / 1024)
 """
 

@@ -68,14 +68,15 @@ def comfy(comfy_nodes):
 def checkpoint_files(models_dir):
     """Tiny checkpoints in models/checkpoints that CheckpointLoaderSimple detects; name -> path.
 
-    Written lazily: `checkpoint_files("sd15")` returns the file name for family sd15 or sdxl.
+    Linked lazily from the per-machine cache: `checkpoint_files("sd15")` returns the file name for family sd15
+    or sdxl.
     """
     made = {}
 
     def get(family: str) -> str:
         if family not in made:
             name = f"tiny_{family}.safetensors"
-            tiny_models.write_checkpoint(str(models_dir / "checkpoints" / name), family)
+            os.symlink(tiny_models.cached_checkpoint(family), models_dir / "checkpoints" / name)
             made[family] = name
         return made[family]
 

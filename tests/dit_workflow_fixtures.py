@@ -146,12 +146,15 @@ def _expect(shapes: dict, family: str, unet_config: dict) -> None:
             raise RuntimeError(f"{family}: detection reads {key}={detected.get(key)!r}, the file has {unet_config[key]!r}")
 
 
-def write_diffusion_model(path: str, unet_config: dict, family: str, seed: int = 0) -> str:
+def write_diffusion_model(path: str, unet_config: dict, family: str, seed: int = 0,
+                          shapes: dict | None = None, gains: set | None = None) -> str:
+    """A random `family` file for `unet_config`: ComfyUI's own layout unless `shapes` (with norm `gains`) is given."""
     import safetensors.torch
 
-    shapes = layout(unet_config)
+    shapes = layout(unet_config) if shapes is None else shapes
+    gains = _norm_params(unet_config) if gains is None else gains
     _expect(shapes, family, unet_config)
-    safetensors.torch.save_file(random_state_dict(shapes, _norm_params(unet_config), seed), path)
+    safetensors.torch.save_file(random_state_dict(shapes, gains, seed), path)
     return path
 
 
@@ -160,9 +163,25 @@ def write_flux_dev(path: str, seed: int = 0) -> str:
     return write_diffusion_model(path, flux_dev_config(), "Flux", seed)
 
 
+# ComfyUI 0.3.75's NextDiT builds a `norm_final` that Z-Image never uses; 0.8.0 no longer builds it and ignores the
+# key when a file has it. The cached file always carries it (a gain of 1), so one 1.8 GB file serves both versions.
+_Z_IMAGE_EXTRA_NORMS = ("norm_final.weight",)
+
+
+def z_image_layout() -> tuple[dict, set]:
+    """({key: shape}, norm gains) of the Z-Image file: this ComfyUI's layout plus _Z_IMAGE_EXTRA_NORMS."""
+    config = z_image_config()
+    shapes, gains = layout(config), _norm_params(config)
+    for key in _Z_IMAGE_EXTRA_NORMS:
+        shapes.setdefault(key, (config["dim"],))
+        gains.add(key)
+    return shapes, gains
+
+
 def write_z_image(path: str, seed: int = 0) -> str:
     """z_image_turbo_bf16.safetensors: detected as ZImage, 1 main layer (+ the 4 refiner blocks), ~1.8 GB bf16."""
-    return write_diffusion_model(path, z_image_config(), "ZImage", seed)
+    shapes, gains = z_image_layout()
+    return write_diffusion_model(path, z_image_config(), "ZImage", seed, shapes=shapes, gains=gains)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +227,7 @@ def cached_flux_dev() -> str:
 
 
 def cached_z_image() -> str:
-    return _cached(f"z_image_l1_seed0_{_layout_tag(layout(z_image_config()))}.safetensors", write_z_image)
+    return _cached(f"z_image_l1_seed0_{_layout_tag(z_image_layout()[0])}.safetensors", write_z_image)
 
 
 def cached_flux_vae() -> str:

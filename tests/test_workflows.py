@@ -150,23 +150,18 @@ def object_info(ui_server):
 
 
 @pytest.fixture(scope="module")
-def model_files(ui_server, tmp_path_factory):
+def model_files(ui_server):
     """`ensure(models)` writes each {folder: {name: kind}} file once for the whole module.
 
-    Checkpoints are written once per family into a cache and hard-linked under every name (the SDXL
-    one is 2 GB); the other writers get `checkpoint(family)` because their layer widths must match it.
+    Checkpoints come from the per-machine cache (tiny_models.cached_checkpoint; the SDXL one is 2 GB) and are
+    linked under every name; the other writers get `checkpoint(family)` because their layer widths must match it.
     """
-    made: dict[str, str] = {}  # family -> cached checkpoint path
-    cache = tmp_path_factory.mktemp("model_cache")
-
     def checkpoint(family: str) -> str:
-        if family not in made:
-            made[family] = tiny_models.write_checkpoint(str(cache / f"{family}.safetensors"), family)
-        return made[family]
+        return tiny_models.cached_checkpoint(family)
 
     def write(kind: str, path: str) -> None:
         if kind in ("sd15", "sdxl"):
-            os.link(checkpoint(kind), path)  # same file, no second copy
+            os.symlink(checkpoint(kind), path)  # same file, no second copy
             return
         if kind in CACHED_FILES:
             os.symlink(CACHED_FILES[kind](), path)  # cached across runs in .harness/cache
@@ -219,10 +214,6 @@ def _cached_motion_module_ckpt() -> str:
         load_file(animatediff_fixtures.cached_motion_module()), p))
 
 
-def _write_clip_vision_vit_l(path: str, checkpoint) -> None:
-    workflow_fixtures.write_clip_vision_vit_l(path)
-
-
 def _write_reference_photo(path: str, checkpoint=None) -> None:
     """A reference photo in ComfyUI's input folder (LoadImage)."""
     rng = np.random.default_rng(zlib.crc32(os.path.basename(path).encode()))
@@ -250,10 +241,11 @@ def _text_encoder_writer(kind: str):
 
 MODEL_WRITERS = {"photomaker": _write_photomaker, "ipadapter_sd15": _write_ipadapter_sd15,
                  "ipadapter_sd15_real_width": _write_ipadapter_sd15_real_width,
-                 "clip_vision_vit_l": _write_clip_vision_vit_l, "photo": _write_reference_photo, "panel": _write_panel,
+                 "photo": _write_reference_photo, "panel": _write_panel,
                  **{kind: _text_encoder_writer(kind) for kind in ("clip_l", "t5xxl", "qwen3_4b")}}
 # big files written once per machine (.harness/cache) and linked in: what AnimateDiff needs (tests/animatediff_fixtures.py)
 CACHED_FILES = {"sd15_real_width": animatediff_fixtures.cached_real_width_checkpoint,
+                "clip_vision_vit_l": workflow_fixtures.cached_clip_vision_vit_l,  # full size, 0.6 GB
                 "motion_module_sd15_v2": _cached_motion_module_ckpt,
                 # the DiT workflows' diffusion models and VAE: full width (detection fixes it), 1-2 GB each
                 **dit_workflow_fixtures.CACHED_FILES}

@@ -253,6 +253,16 @@ def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     return path
 
 
+def cached_checkpoint(family: str = "sd15") -> str:
+    """write_checkpoint(family) once per machine (.harness/cache/checkpoints): the SDXL one is 2 GB, mostly its
+    full-size CLIP-G. The file is the public LDM layout, which every ComfyUI version reads, so one file serves the
+    0.3.75 and 0.8.0 suites (bump v1 when write_checkpoint changes)."""
+    import comfy_env
+
+    return comfy_env.cached_file("checkpoints", f"tiny_{family}_seed0_v1.safetensors",
+                                 lambda path: write_checkpoint(path, family))
+
+
 # ---------------------------------------------------------------------------------------------------
 # in-process DiTs (Flux.1, Chroma)
 

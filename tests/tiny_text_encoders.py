@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
-import tempfile
 
 import torch
 
@@ -312,13 +312,6 @@ def load_files(paths: list[str], clip_type, model_options: dict | None = None):
 
 
 _ORIGINAL_LOAD_CLIP: list = []
-_CACHE_DIR: list = []
-
-
-def _cache_dir() -> str:
-    if not _CACHE_DIR:
-        _CACHE_DIR.append(tempfile.mkdtemp(prefix="tiny_text_encoders_"))
-    return _CACHE_DIR[0]
 
 
 def _remember_original():
@@ -328,10 +321,23 @@ def _remember_original():
         _ORIGINAL_LOAD_CLIP.append(getattr(comfy.sd.load_clip, "_tiny_original", comfy.sd.load_clip))
 
 
+def _layout_tag(kind: str) -> str:
+    """Names and shapes of ComfyUI's own module for `kind` plus its config: files written by ComfyUI versions
+    whose text models differ get their own cache entry."""
+    shapes = sorted((k, list(v.shape)) for k, v in _module(kind).state_dict().items())
+    return hashlib.sha1(json.dumps([shapes, _CONFIGS[kind]], sort_keys=True).encode()).hexdigest()[:10]
+
+
 def path_for(kind: str, directory: str | None = None, seed: int = 0) -> str:
-    """The tiny `kind` file (KINDS file name) in `directory` (a temp dir by default), written once."""
+    """The tiny `kind` file (KINDS file name) in `directory`, written once; by default in the per-machine cache
+    (.harness/cache/text_encoders/<layout tag>/)."""
     name = KINDS[kind][2] if seed == 0 else KINDS[kind][2].replace(".safetensors", f"_s{seed}.safetensors")
-    path = os.path.join(directory or _cache_dir(), name)
+    if directory is None:
+        import comfy_env
+
+        return comfy_env.cached_file(f"text_encoders/{_layout_tag(kind)}", name,
+                                     lambda path: write(kind, path, seed=seed))
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
         write(kind, path, seed=seed)
     return path

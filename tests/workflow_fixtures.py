@@ -103,6 +103,14 @@ def write_clip_vision_vit_l(path: str, seed: int = 0) -> str:
     return path
 
 
+def cached_clip_vision_vit_l() -> str:
+    """write_clip_vision_vit_l once per machine (.harness/cache/clip_vision; the public ViT-L layout, the same file
+    for every ComfyUI version)."""
+    import comfy_env
+
+    return comfy_env.cached_file("clip_vision", "clip_vit_l_random_seed0_v1.safetensors", write_clip_vision_vit_l)
+
+
 def sd15_checkpoint_cross_attention(checkpoint: str) -> tuple[list[int], int]:
     """(inner width of every attn2 layer in IP-Adapter order: input, output, middle blocks; context width)."""
     shapes = _checkpoint_shapes(checkpoint, r"\.attn2\.to_k\.weight$")
