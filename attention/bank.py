@@ -142,10 +142,13 @@ class IdentityBank:
     # writing
 
     def begin_write(self, panels: Sequence[int], characters, sample_sigmas: Sequence[float],
-                    content: str = HIDDEN_STATES) -> "BankWriter":
+                    content: str = HIDDEN_STATES, planned_steps=None, memory_limit: Optional[int] = None) -> "BankWriter":
+        """A writer for one run. `planned_steps(layer)`: how many steps of the run will write `layer`; with
+        `memory_limit` (bytes of CPU memory the bank may take) the writer refuses, after the first written step, a
+        run whose bank would not fit (see BankWriter)."""
         return BankWriter(self, tuple(int(p) for p in panels),
                           None if characters is None else tuple(tuple(c) for c in characters),
-                          tuple(float(s) for s in sample_sigmas), content)
+                          tuple(float(s) for s in sample_sigmas), content, planned_steps, memory_limit)
 
     # ---------------------------------------------------------------------------------------------
     # reading
@@ -301,9 +304,17 @@ def _parse_prefix(prefix: str):
 
 
 class BankWriter:
-    """Collects one write run; the bank only changes when the run completes (commit)."""
+    """Collects one write run; the bank only changes when the run completes (commit).
 
-    def __init__(self, bank: IdentityBank, panels, characters, sample_sigmas, content: str = HIDDEN_STATES):
+    A bank grows with steps x layers x sampled tokens: on a DiT at 1024 px that is about 1 GB per identity image
+    per step at the default blocks, more than a machine's RAM over a whole run. With a `memory_limit`, every entry
+    of a (layer, role) has the same size from step to step, so once the first written step is done the writer
+    knows what the whole run will store (`planned_steps(layer)` steps per layer) and raises a BankError saying
+    what to change, before the memory is gone, instead of letting the process be killed; it also stops a run whose
+    stored bytes pass the limit (layers a random schedule skipped in the first step)."""
+
+    def __init__(self, bank: IdentityBank, panels, characters, sample_sigmas, content: str = HIDDEN_STATES,
+                 planned_steps=None, memory_limit: Optional[int] = None):
         self.bank = bank
         self.content = content
         self.panels = panels
@@ -311,16 +322,50 @@ class BankWriter:
         self.sample_sigmas = sample_sigmas
         self.entries: dict = {}
         self.layer_tokens: dict = {}
+        self.planned_steps = planned_steps
+        self.memory_limit = memory_limit
+        self.nbytes = 0
+        self.entry_bytes: dict = {}  # (layer, role) -> bytes of one step's entry
+        self.step: Optional[int] = None  # the step the last put wrote
 
     def put(self, step: int, layer, roles: Sequence[str], hidden: torch.Tensor, num_tokens: int):
         """hidden: [chunks, panels, n, channels] sampled tokens (hidden states, or a DiT's keys and values), one
         chunk per entry of `roles`."""
+        if self.step is not None and step != self.step:
+            self._check_projection()
+        self.step = int(step)
         self.layer_tokens[layer] = int(num_tokens)
         for c, role in enumerate(roles):
             key = (int(step), layer, role)
             if key not in self.entries:  # a second-order sampler's extra call keeps the first
                 stored, scale = encode(hidden[c].detach(), self.bank.dtype_name, scaled=self.content != HIDDEN_STATES)
                 self.entries[key] = (stored.to("cpu"), None if scale is None else scale.to("cpu"))
+                size = stored.numel() * stored.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
+                self.entry_bytes[(layer, role)] = size
+                self.nbytes += size
+        if self.memory_limit is not None and self.nbytes > self.memory_limit:
+            self._refuse(self.nbytes, "has stored")
+
+    def projected_bytes(self) -> int:
+        """What the whole run will store, from the entries seen so far (exact once every layer has been written)."""
+        if self.planned_steps is None:
+            return self.nbytes
+        return sum(size * int(self.planned_steps(layer)) for (layer, _), size in self.entry_bytes.items())
+
+    def _check_projection(self):
+        if self.memory_limit is not None:
+            projected = self.projected_bytes()
+            if projected > self.memory_limit:
+                self._refuse(projected, "would store")
+
+    def _refuse(self, nbytes: int, verb: str):
+        layers = len({layer for layer, _ in self.entry_bytes})
+        raise BankError(
+            f"this identity bank write {verb} about {nbytes / 2**30:.1f} GiB ({len(self.panels)} identity panels, "
+            f"{len(self.sample_sigmas) - 1} steps, {layers} layers, {self.bank.dtype_name}), more than the "
+            f"{self.memory_limit / 2**30:.1f} GiB of free memory it may use; nothing was written. Make it smaller: "
+            f"dtype fp8 (half of fp16), fewer layers on 'Consistent Self-Attention' (a custom list; on Flux.1 e.g. "
+            f"'double 10-18'), a lower rate, an end_percent below 1, fewer steps, or fewer identity panels per write.")
 
     def commit(self):
         bank = self.bank

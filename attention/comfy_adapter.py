@@ -231,12 +231,41 @@ class RunState:
                          f"{len(self.rows)} panels (another node changed the batch?)")
 
 
+# share of the CPU memory free when a write run starts that its identity bank may fill (the rest stays for the
+# model, the latents and everything else the process holds)
+BANK_MEMORY_SHARE = 0.8
+
+
+def _bank_memory_limit() -> Optional[int]:
+    """Bytes a write run's bank may take: BANK_MEMORY_SHARE of the free CPU memory as ComfyUI sees it."""
+    import comfy.model_management
+
+    try:
+        free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    except Exception:  # a ComfyUI that cannot tell: no limit, as before
+        return None
+    return int(free * BANK_MEMORY_SHARE) if free else None
+
+
+def _planned_steps(config: CSAConfig, sigmas: tuple):
+    """layer -> how many steps of this run write it (what the schedule lets a read use), memoised."""
+    counts: dict = {}
+
+    def planned(layer) -> int:
+        if layer not in counts:
+            counts[layer] = sum(1 for i in range(len(sigmas) - 1) if config.schedule.active(i, sigmas[i], layer))
+        return counts[layer]
+    return planned
+
+
 def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = glue.CFG_ROLES) -> RunState:
     sigmas = tuple(float(s) for s in sample_sigmas)
     rows = config.rows_for(batch)
     run = RunState(sigmas, rows, config.share_for(rows), tuple(roles))
     if config.mode == MODE_WRITE:
-        run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas, config.bank_content)
+        run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas, config.bank_content,
+                                             planned_steps=_planned_steps(config, sigmas),
+                                             memory_limit=_bank_memory_limit())
     elif config.mode == MODE_READ:
         config.bank.check_run(sigmas, config.bank_content)
         run.bank_reads = config.bank.reads_for(len(rows), config.characters_of(rows))

@@ -96,7 +96,8 @@ class ConsistentSelfAttention:
 class IdentityBankWrite:
     DESCRIPTION = ("Makes the next KSampler run of this MODEL (on the identity panels, batched together) record the tokens "
                    "they share into an identity bank, step by step and layer by layer. Later runs read the bank with "
-                   "'Identity Bank Read', so any number of story panels costs the memory of the identity batch plus one panel.")
+                   "'Identity Bank Read', so any number of story panels costs the memory of the identity batch plus one panel. "
+                   "A run whose bank would not fit in free memory stops after its first step and says what to change.")
     CATEGORY = SUBCATEGORY
     RETURN_TYPES = ("MODEL", BANK_TYPE)
     RETURN_NAMES = ("model", "bank")

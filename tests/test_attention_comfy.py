@@ -269,6 +269,33 @@ def test_identity_bank_write_then_read(csa, sd15, tmp_path):
         ksampler(csa.with_bank(patched, csa.MODE_WRITE, IdentityBank()), panels=3)
 
 
+def test_a_bank_write_that_would_not_fit_in_memory_is_refused_before_the_memory_is_gone(csa, sd15, monkeypatch):
+    """The projection after the first step is the bank's real size: a limit one byte below it refuses the run
+    (nothing written), a limit at it lets the run finish. The limit is a share of the free CPU memory."""
+    import psutil
+
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    limit = csa._bank_memory_limit()
+    assert 0 < limit <= psutil.virtual_memory().total * csa.BANK_MEMORY_SHARE
+
+    patched = patch(csa, sd15, end_percent=0.7)
+    full = IdentityBank()
+    ksampler(csa.with_bank(patched, csa.MODE_WRITE, full), panels=2, steps=4)
+    size = full.nbytes()
+    assert 1 < len({step for step, _, _ in full.keys()}) < 4  # end_percent leaves steps out; the projection knows
+
+    monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size - 1)
+    refused = IdentityBank()
+    with pytest.raises(ValueError, match=r"would store about .* GiB \(2 identity panels, 4 steps.*nothing was written"):
+        ksampler(csa.with_bank(patched, csa.MODE_WRITE, refused), panels=2, steps=4)
+    assert refused.empty
+    monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size)
+    fits = IdentityBank()
+    ksampler(csa.with_bank(patched, csa.MODE_WRITE, fits), panels=2, steps=4)
+    assert fits.nbytes() == size
+
+
 # ---------------------------------------------------------------------------------------------------
 # the nodes in a ComfyUI prompt
 

@@ -226,6 +226,44 @@ def _written(step, chunk):
     return hidden[chunk]
 
 
+def _write_steps(writer, steps, layers=(("output", 3, 0), ("output", 4, 0))):
+    for step in range(steps):
+        for i, layer in enumerate(layers):
+            writer.put(step, layer, ["positive", "negative"], torch.randn(2, 2, 5 + i, 16), num_tokens=10)
+
+
+def test_bank_writer_refuses_a_run_that_would_not_fit_after_its_first_step(att):
+    _, _, bank_mod = att
+    sigmas = [float(10 - i) for i in range(11)]  # 10 steps
+    step_bytes = 2 * 2 * (5 + 6) * 16 * 2  # roles x panels x sampled tokens of both layers x channels x fp16
+
+    bank = bank_mod.IdentityBank()
+    writer = bank.begin_write([0, 1], None, sigmas, planned_steps=lambda layer: 10, memory_limit=10 * step_bytes)
+    _write_steps(writer, 10)  # exactly fits
+    assert writer.projected_bytes() == writer.nbytes == 10 * step_bytes
+    writer.commit()
+    assert bank.nbytes() == 10 * step_bytes
+
+    bank = bank_mod.IdentityBank()
+    writer = bank.begin_write([0, 1], None, sigmas, planned_steps=lambda layer: 10, memory_limit=10 * step_bytes - 1)
+    _write_steps(writer, 1)  # the first step alone fits; the projection is known once it is done
+    assert writer.projected_bytes() == 10 * step_bytes
+    with pytest.raises(bank_mod.BankError, match=r"would store about .* 10 steps, 2 layers, fp16.*fp8"):
+        _write_steps(writer, 2)
+    assert bank.empty
+
+    # a schedule that writes a layer at fewer steps is counted per layer
+    planned = {("output", 3, 0): 10, ("output", 4, 0): 4}
+    writer = bank_mod.IdentityBank().begin_write([0, 1], None, sigmas, planned_steps=planned.__getitem__)
+    _write_steps(writer, 1)
+    assert writer.projected_bytes() == 2 * 2 * 16 * 2 * (5 * 10 + 6 * 4)
+
+    # stored bytes past the limit stop the run too (layers first seen after the first step)
+    writer = bank_mod.IdentityBank().begin_write([0, 1], None, sigmas, memory_limit=step_bytes // 2)
+    with pytest.raises(bank_mod.BankError, match="has stored about"):
+        _write_steps(writer, 1)
+
+
 def test_bank_lookup_and_errors(att):
     _, _, bank_mod = att
     bank = _filled_bank(bank_mod)
