@@ -13,7 +13,10 @@ per token, so this is exact), which halves the bytes against storing keys and va
 - only (step, layer) pairs at which the schedule lets a read use the bank are written;
 - reads stream one step at a time: a loaded bank is memory-mapped and each step's tensors are
   read (and, with storage "device", moved to the sampling device) when that step starts, so a
-  read run's memory does not grow with the number of steps.
+  read run's memory does not grow with the number of steps;
+- `keep`: a write run keeps the bank in memory, or writes each finished step to a file on disk
+  ("disk"; one step in memory at a time), or decides after its first step ("auto": memory when the
+  whole bank fits in free memory, else disk). A spilled bank reads like a loaded one.
 
 Roles name the chunks of a model call: "positive", "negative" and, under DualCFGGuider, "middle".
 
@@ -29,8 +32,11 @@ Plain torch; save/load uses safetensors with a JSON header, so a character can b
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
+import tempfile
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +51,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 HIDDEN_STATES = "hidden_states"  # UNet banks: the input of attn1, projected by the layer on read
 KEYS_VALUES = "keys_values:"  # + DiT family name: sampled image keys and values after RoPE
+KEEP_CHOICES = ("auto", "memory", "disk")  # where a write run keeps the bank (module docstring)
+SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F8_E4M3": 1}  # safetensors dtype name -> bytes per value
 
 
 def content_name(content: str) -> str:
@@ -95,22 +103,28 @@ class IdentityBank:
     a write run fills it, later runs read it — and shared, not copied, by ModelPatcher.clone().
     """
 
-    def __init__(self, storage: str = "cpu", dtype: str = "fp16"):
+    def __init__(self, storage: str = "cpu", dtype: str = "fp16", keep: str = "auto"):
         if dtype not in DTYPES:
             raise BankError(f"bank dtype must be one of {list(DTYPES)}, not {dtype!r}")
         if storage not in ("cpu", "device"):
             raise BankError(f"bank storage must be 'cpu' or 'device', not {storage!r}")
+        if keep not in KEEP_CHOICES:
+            raise BankError(f"bank keep must be one of {list(KEEP_CHOICES)}, not {keep!r}")
         self.storage = storage  # where the current step's tokens live during a read
         self.dtype_name = dtype
+        self.keep = keep  # where a write run keeps the bank
+        self.spill_folder: Optional[str] = None
         self.clear()
 
     def __deepcopy__(self, memo):
         return self
 
     def clear(self):
+        if self.spill_folder is not None:  # the step files of a spilled bank are this bank's own
+            shutil.rmtree(self.spill_folder, ignore_errors=True)
+        self.spill_folder = None
         self.entries: dict = {}  # key -> (stored, scale) for a bank in memory
-        self.file: Optional[str] = None  # a loaded bank reads its entries from this file, step by step
-        self.file_keys: dict = {}  # key -> tensor name prefix in `file`
+        self.file_keys: dict = {}  # key -> (file, tensor name prefix): read from files, step by step
         self.panels: tuple[int, ...] = ()
         self.characters: Optional[tuple[tuple[str, ...], ...]] = None
         self.sample_sigmas: tuple[float, ...] = ()
@@ -125,11 +139,13 @@ class IdentityBank:
     def keys(self) -> set:
         return set(self.entries) | set(self.file_keys)
 
+    def files(self) -> list[str]:
+        """The files the bank reads from (one for a loaded bank, one per step for a spilled one)."""
+        return sorted({path for path, _ in self.file_keys.values()})
+
     def nbytes(self) -> int:
-        if self.file is not None:
-            return os.path.getsize(self.file)
-        return sum(t.numel() * t.element_size() + (0 if s is None else s.numel() * s.element_size())
-                   for t, s in self.entries.values())
+        return sum(os.path.getsize(path) for path in self.files()) + sum(
+            _entry_bytes(t, s) for t, s in self.entries.values())
 
     def describe(self) -> str:
         if self.empty:
@@ -142,13 +158,15 @@ class IdentityBank:
     # writing
 
     def begin_write(self, panels: Sequence[int], characters, sample_sigmas: Sequence[float],
-                    content: str = HIDDEN_STATES, planned_steps=None, memory_limit: Optional[int] = None) -> "BankWriter":
-        """A writer for one run. `planned_steps(layer)`: how many steps of the run will write `layer`; with
-        `memory_limit` (bytes of CPU memory the bank may take) the writer refuses, after the first written step, a
-        run whose bank would not fit (see BankWriter)."""
+                    content: str = HIDDEN_STATES, planned_steps=None, memory_limit: Optional[int] = None,
+                    spill_parent: Optional[str] = None, disk_limit: Optional[int] = None) -> "BankWriter":
+        """A writer for one run. `planned_steps(layer)`: how many steps of the run will write `layer`;
+        `memory_limit` / `disk_limit`: bytes of free memory / disk the bank may take; `spill_parent`: where a bank
+        kept on disk gets its folder (see BankWriter)."""
         return BankWriter(self, tuple(int(p) for p in panels),
                           None if characters is None else tuple(tuple(c) for c in characters),
-                          tuple(float(s) for s in sample_sigmas), content, planned_steps, memory_limit)
+                          tuple(float(s) for s in sample_sigmas), content, planned_steps, memory_limit,
+                          spill_parent, disk_limit)
 
     # ---------------------------------------------------------------------------------------------
     # reading
@@ -212,17 +230,21 @@ class IdentityBank:
         keys = [k for k in self.keys() if k[0] == step]
         if wanted not in keys:
             return {}
-        if self.file is None:
-            return {k: decode(*self.entries[k], dtype).to(device) for k in keys}
-        from safetensors import safe_open
+        loaded = {k: decode(*self.entries[k], dtype).to(device) for k in keys if k in self.entries}
+        by_file: dict = {}
+        for key in keys:
+            if key in self.file_keys:
+                path, prefix = self.file_keys[key]
+                by_file.setdefault(path, []).append((key, prefix))
+        if by_file:
+            from safetensors import safe_open
 
-        loaded = {}
-        with safe_open(self.file, framework="pt", device="cpu") as f:  # memory-mapped: reads only these tensors
-            names = set(f.keys())
-            for key in keys:
-                prefix = self.file_keys[key]
-                scale = f.get_tensor(prefix + "/s") if prefix + "/s" in names else None
-                loaded[key] = decode(f.get_tensor(prefix + "/h"), scale, dtype).to(device)
+            for path, items in by_file.items():
+                with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: reads only these tensors
+                    names = set(f.keys())
+                    for key, prefix in items:
+                        scale = f.get_tensor(prefix + "/s") if prefix + "/s" in names else None
+                        loaded[key] = decode(f.get_tensor(prefix + "/h"), scale, dtype).to(device)
         return loaded
 
     # ---------------------------------------------------------------------------------------------
@@ -234,24 +256,23 @@ class IdentityBank:
 
         if self.empty:
             raise BankError("the identity bank is empty: nothing to save (run the identity KSampler first)")
-        if self.file is not None:  # a loaded bank is its file
+        if not self.entries and self.spill_folder is None:  # a loaded bank is its file
             with atomic_path(path) as tmp:
-                shutil.copyfile(self.file, tmp)
+                shutil.copyfile(self.files()[0], tmp)
             return
-        tensors = {}
-        for key, (stored, scale) in self.entries.items():
-            prefix = _tensor_prefix(key)
-            tensors[prefix + "/h"] = stored.detach().to("cpu").contiguous()
-            if scale is not None:
-                tensors[prefix + "/s"] = scale.detach().to("cpu").contiguous()
         header = {"panels": list(self.panels),
                   "characters": None if self.characters is None else [list(c) for c in self.characters],
                   "sample_sigmas": list(self.sample_sigmas),
                   "layer_tokens": {_layer_name(k): n for k, n in self.layer_tokens.items()},
                   "dtype": self.dtype_name,
                   "content": self.content}
+        metadata = {"format": FORMAT, "bank": json.dumps(header)}
+        if self.file_keys:  # spilled to step files: streamed into one file, a tensor at a time
+            with atomic_path(path) as tmp:
+                _merge_safetensors(tmp, [(prefix, file) for file, prefix in self.file_keys.values()], metadata)
+            return
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"format": FORMAT, "bank": json.dumps(header)})
+            save_file(_entry_tensors(self.entries), tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str, storage: str = "cpu") -> "IdentityBank":
@@ -284,13 +305,62 @@ class IdentityBank:
             for tensor_name in names:
                 if tensor_name.endswith("/h"):
                     prefix = tensor_name[:-2]
-                    bank.file_keys[_parse_prefix(prefix)] = prefix
+                    bank.file_keys[_parse_prefix(prefix)] = (os.path.abspath(path), prefix)
         except (KeyError, ValueError, TypeError) as e:
             raise BankError(f"identity bank {name} is damaged ({e}): save the bank again") from None
         if bank.empty:
             raise BankError(f"identity bank {name} holds no tokens")
-        bank.file = os.path.abspath(path)
         return bank
+
+
+def _entry_bytes(stored: torch.Tensor, scale: Optional[torch.Tensor]) -> int:
+    return stored.numel() * stored.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
+
+
+def _entry_tensors(entries: dict) -> dict:
+    """{tensor name: tensor} of in-memory entries, as a bank file names them."""
+    tensors = {}
+    for key, (stored, scale) in entries.items():
+        prefix = _tensor_prefix(key)
+        tensors[prefix + "/h"] = stored.detach().to("cpu").contiguous()
+        if scale is not None:
+            tensors[prefix + "/s"] = scale.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _merge_safetensors(path: str, sources: list, metadata: dict):
+    """Write one .safetensors file holding the tensors `prefix/h` (and `prefix/s`) of every (prefix, file) in
+    `sources`, reading one tensor at a time: the safetensors layout (8-byte little-endian header length, JSON
+    header with dtype, shape and byte offsets, then the bytes), so the bank never has to fit in memory."""
+    from safetensors import safe_open
+
+    by_file: dict = {}
+    for prefix, file in sources:
+        by_file.setdefault(file, []).append(prefix)
+    plan, offset = [], 0  # (name, file, dtype, shape, begin, end), file by file
+    for file in sorted(by_file):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            for prefix in sorted(by_file[file]):
+                for name in (prefix + "/h", prefix + "/s"):
+                    if name in names:
+                        piece = f.get_slice(name)
+                        dtype, shape = piece.get_dtype(), list(piece.get_shape())
+                        size = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+                        plan.append((name, file, dtype, shape, offset, offset + size))
+                        offset += size
+    header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+              for name, _, dtype, shape, begin, end in plan}
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for file in sorted(by_file):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name, _, *_ in (item for item in plan if item[1] == file):
+                    out.write(f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _tensor_prefix(key) -> str:
@@ -307,44 +377,65 @@ class BankWriter:
     """Collects one write run; the bank only changes when the run completes (commit).
 
     A bank grows with steps x layers x sampled tokens: on a DiT at 1024 px that is about 1 GB per identity image
-    per step at the default blocks, more than a machine's RAM over a whole run. With a `memory_limit`, every entry
-    of a (layer, role) has the same size from step to step, so once the first written step is done the writer
-    knows what the whole run will store (`planned_steps(layer)` steps per layer) and raises a BankError saying
-    what to change, before the memory is gone, instead of letting the process be killed; it also stops a run whose
-    stored bytes pass the limit (layers a random schedule skipped in the first step)."""
+    per step at the default blocks, more than a machine's RAM over a whole run. Every entry of a (layer, role) has
+    the same size from step to step, so once the first written step is done the writer knows what the whole run
+    will store (`planned_steps(layer)` steps per layer). Then, by the bank's `keep`:
+    - "memory": a run whose bank would pass `memory_limit` stops with a BankError saying what to change, before
+      the memory is gone, instead of the process being killed;
+    - "disk": every finished step goes to its own file in a new folder under `spill_parent` (one step in memory);
+      a run that would pass `disk_limit` stops the same way;
+    - "auto": memory while the projection fits, else disk.
+    Stored bytes past the memory limit inside a step (layers a random schedule skipped in the first step) move
+    the finished steps to disk ("auto", "disk") or stop the run ("memory")."""
 
     def __init__(self, bank: IdentityBank, panels, characters, sample_sigmas, content: str = HIDDEN_STATES,
-                 planned_steps=None, memory_limit: Optional[int] = None):
+                 planned_steps=None, memory_limit: Optional[int] = None, spill_parent: Optional[str] = None,
+                 disk_limit: Optional[int] = None):
         self.bank = bank
         self.content = content
         self.panels = panels
         self.characters = characters
         self.sample_sigmas = sample_sigmas
-        self.entries: dict = {}
+        self.entries: dict = {}  # in memory: the whole bank, or (spilling) the step in progress
+        self.file_keys: dict = {}  # spilled: key -> (step file, tensor name prefix)
         self.layer_tokens: dict = {}
         self.planned_steps = planned_steps
         self.memory_limit = memory_limit
-        self.nbytes = 0
+        self.spill_parent = spill_parent
+        self.disk_limit = disk_limit
+        self.spill_folder: Optional[str] = None
+        self.memory_bytes = 0  # bytes of self.entries
         self.entry_bytes: dict = {}  # (layer, role) -> bytes of one step's entry
         self.step: Optional[int] = None  # the step the last put wrote
+        if bank.keep == "disk":
+            self._start_spilling()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored so far, in memory and on disk."""
+        on_disk = sum(os.path.getsize(path) for path in {path for path, _ in self.file_keys.values()})
+        return self.memory_bytes + on_disk
 
     def put(self, step: int, layer, roles: Sequence[str], hidden: torch.Tensor, num_tokens: int):
         """hidden: [chunks, panels, n, channels] sampled tokens (hidden states, or a DiT's keys and values), one
         chunk per entry of `roles`."""
         if self.step is not None and step != self.step:
-            self._check_projection()
+            self._step_done()
         self.step = int(step)
         self.layer_tokens[layer] = int(num_tokens)
         for c, role in enumerate(roles):
             key = (int(step), layer, role)
-            if key not in self.entries:  # a second-order sampler's extra call keeps the first
+            if key not in self.entries and key not in self.file_keys:  # a second-order sampler's extra call keeps the first
                 stored, scale = encode(hidden[c].detach(), self.bank.dtype_name, scaled=self.content != HIDDEN_STATES)
                 self.entries[key] = (stored.to("cpu"), None if scale is None else scale.to("cpu"))
-                size = stored.numel() * stored.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
+                size = _entry_bytes(stored, scale)
                 self.entry_bytes[(layer, role)] = size
-                self.nbytes += size
-        if self.memory_limit is not None and self.nbytes > self.memory_limit:
-            self._refuse(self.nbytes, "has stored")
+                self.memory_bytes += size
+        if self.memory_limit is not None and self.memory_bytes > self.memory_limit:
+            if self.bank.keep != "memory" and self.spill_parent is not None:
+                self._spill(finished_only=True)
+            if self.memory_bytes > self.memory_limit:
+                self._refuse(self.memory_bytes, "has stored", "memory", self.memory_limit)
 
     def projected_bytes(self) -> int:
         """What the whole run will store, from the entries seen so far (exact once every layer has been written)."""
@@ -352,27 +443,69 @@ class BankWriter:
             return self.nbytes
         return sum(size * int(self.planned_steps(layer)) for (layer, _), size in self.entry_bytes.items())
 
-    def _check_projection(self):
-        if self.memory_limit is not None:
-            projected = self.projected_bytes()
-            if projected > self.memory_limit:
-                self._refuse(projected, "would store")
+    def _step_done(self):
+        """A step is finished: check the projection, and move the step to disk when spilling."""
+        projected = self.projected_bytes()
+        if self.spill_folder is None and self.memory_limit is not None and projected > self.memory_limit:
+            if self.bank.keep == "memory" or self.spill_parent is None:
+                self._refuse(projected, "would store", "memory", self.memory_limit)
+            self._start_spilling()
+        if self.spill_folder is not None:
+            if self.disk_limit is not None and projected > self.disk_limit:
+                self._refuse(projected, "would store", f"disk space in {self.spill_parent}", self.disk_limit)
+            self._spill(finished_only=False)
 
-    def _refuse(self, nbytes: int, verb: str):
+    def _start_spilling(self):
+        if self.spill_parent is None:
+            raise BankError("this identity bank is kept on disk, but no folder for it was given")
+        os.makedirs(self.spill_parent, exist_ok=True)
+        self.spill_folder = tempfile.mkdtemp(prefix="bank-", dir=self.spill_parent)
+
+    def _spill(self, finished_only: bool):
+        """Write the steps in memory (all, or all before the current one) to one file per step and drop them."""
+        from safetensors.torch import save_file
+
+        if self.spill_folder is None:
+            self._start_spilling()
+        steps = sorted({key[0] for key in self.entries if not finished_only or key[0] != self.step})
+        for step in steps:
+            entries = {k: v for k, v in self.entries.items() if k[0] == step}
+            path = os.path.join(self.spill_folder, f"step{step:04d}.safetensors")
+            save_file(_entry_tensors(entries), path)
+            for key, (stored, scale) in entries.items():
+                self.file_keys[key] = (path, _tensor_prefix(key))
+                self.memory_bytes -= _entry_bytes(stored, scale)
+                del self.entries[key]
+
+    def _refuse(self, nbytes: int, verb: str, where: str, limit: int):
+        self.discard()
         layers = len({layer for layer, _ in self.entry_bytes})
         raise BankError(
             f"this identity bank write {verb} about {nbytes / 2**30:.1f} GiB ({len(self.panels)} identity panels, "
             f"{len(self.sample_sigmas) - 1} steps, {layers} layers, {self.bank.dtype_name}), more than the "
-            f"{self.memory_limit / 2**30:.1f} GiB of free memory it may use; nothing was written. Make it smaller: "
+            f"{limit / 2**30:.1f} GiB of free {where} it may use; nothing was written. Make it smaller: "
             f"dtype fp8 (half of fp16), fewer layers on 'Consistent Self-Attention' (a custom list; on Flux.1 e.g. "
-            f"'double 10-18'), a lower rate, an end_percent below 1, fewer steps, or fewer identity panels per write.")
+            f"'double 10-18'), a lower rate, an end_percent below 1, fewer steps, or fewer identity panels per write"
+            + ("; or set keep to 'disk' or 'auto' on 'Identity Bank Write' to keep it on disk." if where == "memory"
+               and self.bank.keep == "memory" else "."))
+
+    def discard(self):
+        """Drop what this run wrote (an interrupted or refused run leaves nothing behind)."""
+        if self.spill_folder is not None:
+            shutil.rmtree(self.spill_folder, ignore_errors=True)
+            self.spill_folder = None
+        self.entries, self.file_keys, self.memory_bytes = {}, {}, 0
 
     def commit(self):
+        if self.spill_folder is not None:
+            self._step_done()  # the last step: checked and written like the others
         bank = self.bank
-        storage, dtype = bank.storage, bank.dtype_name
+        storage, dtype, keep = bank.storage, bank.dtype_name, bank.keep
         bank.clear()
-        bank.storage, bank.dtype_name = storage, dtype
+        bank.storage, bank.dtype_name, bank.keep = storage, dtype, keep
         bank.entries = self.entries
+        bank.file_keys = self.file_keys
+        bank.spill_folder = self.spill_folder
         bank.panels = self.panels
         bank.characters = self.characters
         bank.sample_sigmas = self.sample_sigmas

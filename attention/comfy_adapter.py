@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -231,9 +232,29 @@ class RunState:
                          f"{len(self.rows)} panels (another node changed the batch?)")
 
 
-# share of the CPU memory free when a write run starts that its identity bank may fill (the rest stays for the
-# model, the latents and everything else the process holds)
+# share of the CPU memory (disk space) free when a write run starts that its identity bank may fill (the rest
+# stays for the model, the latents and everything else the process holds)
 BANK_MEMORY_SHARE = 0.8
+BANK_DISK_SHARE = 0.9
+BANK_SPILL_FOLDER = "storydiffusion_banks"  # in ComfyUI's temp folder (emptied when ComfyUI starts)
+
+
+def _bank_spill_parent() -> str:
+    """Where a bank kept on disk gets its folder: ComfyUI's temp folder."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_temp_directory(), BANK_SPILL_FOLDER)
+
+
+def _bank_disk_limit(folder: str) -> Optional[int]:
+    """Bytes a bank kept on disk may take: BANK_DISK_SHARE of the free space where `folder` is (or will be)."""
+    probe = folder
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return int(shutil.disk_usage(probe or ".").free * BANK_DISK_SHARE)
+    except OSError:
+        return None
 
 
 def _bank_memory_limit() -> Optional[int]:
@@ -263,9 +284,11 @@ def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = glue.
     rows = config.rows_for(batch)
     run = RunState(sigmas, rows, config.share_for(rows), tuple(roles))
     if config.mode == MODE_WRITE:
+        spill_parent = _bank_spill_parent()
         run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas, config.bank_content,
                                              planned_steps=_planned_steps(config, sigmas),
-                                             memory_limit=_bank_memory_limit())
+                                             memory_limit=_bank_memory_limit(), spill_parent=spill_parent,
+                                             disk_limit=_bank_disk_limit(spill_parent))
     elif config.mode == MODE_READ:
         config.bank.check_run(sigmas, config.bank_content)
         run.bank_reads = config.bank.reads_for(len(rows), config.characters_of(rows))
@@ -297,7 +320,8 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
         return output
     except BaseException:
         if run.writer is not None:
-            config.bank.clear()  # never leave a half-written bank behind
+            run.writer.discard()  # never leave a half-written bank (or its step files) behind
+            config.bank.clear()
         raise
     finally:
         guider.model_options = original

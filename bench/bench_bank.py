@@ -115,6 +115,41 @@ print((hwm() - before) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+WRITE_CHILD = """
+import sys, types, torch
+sys.path.insert(0, {repo!r})
+pack = types.ModuleType("sdpack"); pack.__path__ = [{repo!r}]; sys.modules["sdpack"] = pack
+from sdpack.attention import bank as bank_mod
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+layers = {layers!r}
+g = torch.Generator().manual_seed(0)
+hidden = {{tokens: torch.randn(2, 1, round(tokens * {rate}), channels, generator=g) for tokens, channels in layers}}
+bank = bank_mod.IdentityBank(dtype="fp16", keep={keep!r})
+writer = bank.begin_write([0], [("A",)], [float({steps} - i) for i in range({steps} + 1)],
+                          planned_steps=lambda layer: {steps}, spill_parent={folder!r})
+before = hwm()
+for step in range({steps}):
+    for index, (tokens, channels) in enumerate(layers):
+        writer.put(step, ("output", index, 0), ["positive", "negative"], hidden[tokens], tokens)
+writer.commit()
+print((hwm() - before) / 1024, bank.nbytes() / 2**20)
+"""
+
+
+def write_peak_mib(steps: int, keep: str, folder: str) -> tuple[float, float]:
+    """(peak RSS growth MiB, bank MiB) of a fresh process writing an SD1.5 512 px bank of `steps` steps (one
+    identity image, fp16) through the real BankWriter, kept in memory or on disk (`keep`)."""
+    import subprocess
+
+    code = WRITE_CHILD.format(repo=REPO, layers=layers_of("SD1.5 512px"), rate=RATE, keep=keep, steps=steps,
+                              folder=folder)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see read_peak_mib
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    peak, size = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(size)
+
+
 def bank_rows(args=None):
     """(Markdown lines, JSON dict) for bench_memory.py and this script."""
     bank_mod, schedule_mod = import_pack()
@@ -146,8 +181,17 @@ def bank_rows(args=None):
                  f"for 10 steps, {peaks[30]:.0f} MiB for 30 steps (ratio {growth:.2f}; the bank files are "
                  f"{10 * official_bytes('SD1.5 512px') / 2**20:.0f} and {30 * official_bytes('SD1.5 512px') / 2**20:.0f} MiB).")
     result["read_peak_mib"] = {"10_steps": round(peaks[10], 1), "30_steps": round(peaks[30], 1)}
+    with tempfile.TemporaryDirectory() as folder:
+        writes = {(keep, steps): write_peak_mib(steps, keep, folder) for keep in ("memory", "disk") for steps in (10, 30)}
+    for keep in ("memory", "disk"):
+        (p10, s10), (p30, s30) = writes[(keep, 10)], writes[(keep, 30)]
+        lines.append(f"Write run, keep {keep} (same bank): peak RSS growth {p10:.0f} MiB for 10 steps, {p30:.0f} MiB "
+                     f"for 30 steps (ratio {p30 / max(p10, 1e-6):.2f}; banks of {s10:.0f} and {s30:.0f} MiB).")
+        result[f"write_peak_mib_{keep}"] = {"10_steps": round(p10, 1), "30_steps": round(p30, 1)}
+    disk_growth = writes[("disk", 30)][0] / max(writes[("disk", 10)][0], 1e-6)
     best = max(r["fp8"] for k, r in result.items() if k in GEOMETRIES)
-    return lines, {"bank_read_peak_30_vs_10_steps": round(growth, 3),"bank_vs_official": best, "bank_vs_official_fp16": max(r["fp16"] for k, r in result.items() if k in GEOMETRIES),
+    return lines, {"bank_read_peak_30_vs_10_steps": round(growth, 3),
+                   "bank_disk_write_peak_30_vs_10_steps": round(disk_growth, 3), "bank_vs_official": best, "bank_vs_official_fp16": max(r["fp16"] for k, r in result.items() if k in GEOMETRIES),
                    "bank": result}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..attention import comfy_adapter
 from ..attention import schedule as csa_schedule
-from ..attention.bank import IdentityBank
+from ..attention.bank import KEEP_CHOICES, IdentityBank
 from ..common.errors import StoryDiffusionError
 from ..common.sockets import BANK_TYPE, CATEGORY, PANELS_TYPE, STORY_TYPE
 
@@ -97,7 +97,7 @@ class IdentityBankWrite:
     DESCRIPTION = ("Makes the next KSampler run of this MODEL (on the identity panels, batched together) record the tokens "
                    "they share into an identity bank, step by step and layer by layer. Later runs read the bank with "
                    "'Identity Bank Read', so any number of story panels costs the memory of the identity batch plus one panel. "
-                   "A run whose bank would not fit in free memory stops after its first step and says what to change.")
+                   "A bank too big for the free memory is kept on disk (keep: auto), one step in memory at a time.")
     CATEGORY = SUBCATEGORY
     RETURN_TYPES = ("MODEL", BANK_TYPE)
     RETURN_NAMES = ("model", "bank")
@@ -120,11 +120,18 @@ class IdentityBankWrite:
                                                                    "official code stores; fp8: half of that (e4m3, at most "
                                                                    "6.25% relative error per value; DiT tokens with one "
                                                                    "scale per tensor); fp32: exact."}),
+        }, "optional": {
+            "keep": (list(KEEP_CHOICES), {"default": "auto",
+                                          "tooltip": "Where the write run keeps the bank. auto: in memory when it fits "
+                                                     "(80% of the free RAM, known after the first step), else on disk. "
+                                                     "memory: in RAM (a run that would not fit stops after its first step "
+                                                     "and says what to change). disk: one file per step in ComfyUI's temp "
+                                                     "folder, one step in RAM (DiT banks are ~1 GB per image per step)."}),
         }}
 
-    def write(self, model, storage, dtype):
+    def write(self, model, storage, dtype, keep="auto"):
         try:
-            bank = IdentityBank(storage=storage, dtype=dtype)
+            bank = IdentityBank(storage=storage, dtype=dtype, keep=keep)
             return (comfy_adapter.with_bank(model, comfy_adapter.MODE_WRITE, bank), bank)
         except ValueError as e:
             raise _user_error(e) from None

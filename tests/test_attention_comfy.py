@@ -269,31 +269,67 @@ def test_identity_bank_write_then_read(csa, sd15, tmp_path):
         ksampler(csa.with_bank(patched, csa.MODE_WRITE, IdentityBank()), panels=3)
 
 
-def test_a_bank_write_that_would_not_fit_in_memory_is_refused_before_the_memory_is_gone(csa, sd15, monkeypatch):
-    """The projection after the first step is the bank's real size: a limit one byte below it refuses the run
-    (nothing written), a limit at it lets the run finish. The limit is a share of the free CPU memory."""
+def _same_tokens(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a.stored_tokens(step, layer, [role], a.layer_tokens[layer]),
+                    b.stored_tokens(step, layer, [role], b.layer_tokens[layer])) for step, layer, role in a.keys())
+
+
+def test_bank_write_keeps_the_bank_in_memory_or_on_disk_by_its_projected_size(csa, sd15, monkeypatch, tmp_path):
+    """After the first step the projection is the bank's real size. keep 'memory': a limit one byte below it
+    refuses the run (nothing written), a limit at it lets the run finish; 'auto' moves the bank to disk instead;
+    'disk' always writes one file per step. Banks on disk read, save and load bit-identically; a refused or
+    rewritten disk bank leaves no files behind. The limits are shares of the free memory and disk."""
     import psutil
 
     from comfyui_storydiffusion.attention.bank import IdentityBank
 
-    limit = csa._bank_memory_limit()
-    assert 0 < limit <= psutil.virtual_memory().total * csa.BANK_MEMORY_SHARE
+    assert 0 < csa._bank_memory_limit() <= psutil.virtual_memory().total * csa.BANK_MEMORY_SHARE
+    assert csa._bank_disk_limit(str(tmp_path / "not" / "yet")) > 0
+    spill = tmp_path / "spill"
+    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    story = make_story([("Ann",), ("Ann",), ("Ann",)], identity={"Ann": (0, 1)})
+    patched = patch(csa, sd15, end_percent=0.7, story=story)
 
-    patched = patch(csa, sd15, end_percent=0.7)
-    full = IdentityBank()
-    ksampler(csa.with_bank(patched, csa.MODE_WRITE, full), panels=2, steps=4)
-    size = full.nbytes()
-    assert 1 < len({step for step, _, _ in full.keys()}) < 4  # end_percent leaves steps out; the projection knows
+    def write(bank, steps=4):
+        ksampler(csa.with_bank(patched, csa.MODE_WRITE, bank), panels=2, steps=steps)
+        return bank
+
+    def read(bank):
+        return ksampler(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2), panels=1, steps=4, cond_seed=2)
+
+    memory = write(IdentityBank(keep="memory"))
+    size = memory.nbytes()
+    assert 1 < len({step for step, _, _ in memory.keys()}) < 4  # end_percent leaves steps out; the projection knows
 
     monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size - 1)
-    refused = IdentityBank()
-    with pytest.raises(ValueError, match=r"would store about .* GiB \(2 identity panels, 4 steps.*nothing was written"):
-        ksampler(csa.with_bank(patched, csa.MODE_WRITE, refused), panels=2, steps=4)
+    refused = IdentityBank(keep="memory")
+    with pytest.raises(ValueError, match=r"would store about .* GiB \(2 identity panels, 4 steps.*nothing was written"
+                                         r".*keep to 'disk' or 'auto'"):
+        write(refused)
     assert refused.empty
+    auto = write(IdentityBank())  # default keep "auto": the same run goes to disk
+    assert not auto.entries and len(auto.files()) == len({step for step, _, _ in memory.keys()})
+    assert all(path.startswith(str(spill)) for path in auto.files()) and _same_tokens(memory, auto)
     monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size)
-    fits = IdentityBank()
-    ksampler(csa.with_bank(patched, csa.MODE_WRITE, fits), panels=2, steps=4)
-    assert fits.nbytes() == size
+    assert write(IdentityBank(keep="memory")).nbytes() == size and write(IdentityBank()).files() == []
+
+    disk = write(IdentityBank(keep="disk"))
+    assert not disk.entries and _same_tokens(memory, disk)
+    assert torch.equal(read(disk), read(memory))
+    disk.save(str(tmp_path / "merged.safetensors"))
+    assert _same_tokens(memory, IdentityBank.load(str(tmp_path / "merged.safetensors")))
+    old_files = disk.files()
+    write(disk)  # rewriting a bank on disk replaces its step files
+    assert not any(os.path.exists(path) for path in old_files) and _same_tokens(memory, disk)
+
+    monkeypatch.setattr(csa, "_bank_disk_limit", lambda folder: size - 1)
+    full_disk = IdentityBank(keep="disk")
+    with pytest.raises(ValueError, match=r"would store about .* more than the .* GiB of free disk space"):
+        write(full_disk)
+    assert full_disk.empty
+    kept = {os.path.basename(os.path.dirname(path)) for path in auto.files() + disk.files()}
+    assert set(os.listdir(spill)) == kept  # the refused run left no folder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,6 +411,18 @@ def test_nodes_in_a_prompt_write_save_load_read(comfy, comfy_nodes, checkpoint_f
     load.update(_sampler(["read", 0], 1, "panel"))
     again = _latent(output_dir, comfy.run(_prompt(ckpt, load)), "save_panel")
     assert torch.equal(again, panel)
+
+    # keep "disk": the bank goes to step files in ComfyUI's temp folder and reads the same
+    import folder_paths
+
+    on_disk = {key: dict(value, inputs=dict(value["inputs"])) for key, value in write.items() if key != "savebank"}
+    on_disk["write"]["inputs"]["keep"] = "disk"
+    spill = os.path.join(folder_paths.get_temp_directory(), "storydiffusion_banks")
+    before = set(os.listdir(spill)) if os.path.isdir(spill) else set()
+    from_disk = _latent(output_dir, comfy.run(_prompt(ckpt, on_disk)), "save_panel")
+    assert torch.equal(from_disk, panel)
+    (folder,) = set(os.listdir(spill)) - before
+    assert sorted(os.listdir(os.path.join(spill, folder)))[0] == "step0000.safetensors"
 
     import harness
 

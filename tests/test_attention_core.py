@@ -264,6 +264,32 @@ def test_bank_writer_refuses_a_run_that_would_not_fit_after_its_first_step(att):
         _write_steps(writer, 1)
 
 
+def test_bank_writer_moves_finished_steps_to_disk_when_memory_runs_out(att, tmp_path):
+    """keep 'auto' with a projection that undercounts (a random schedule's first step): the stored bytes passing
+    the memory limit move the finished steps to disk, mid-run; the bank holds the same tokens."""
+    _, _, bank_mod = att
+    sigmas = [float(10 - i) for i in range(11)]
+    step_bytes = 2 * 2 * (5 + 6) * 16 * 2
+    torch.manual_seed(0)
+    in_memory = bank_mod.IdentityBank()
+    writer = in_memory.begin_write([0, 1], None, sigmas)
+    _write_steps(writer, 4)
+    writer.commit()
+
+    torch.manual_seed(0)
+    bank = bank_mod.IdentityBank(keep="auto")
+    writer = bank.begin_write([0, 1], None, sigmas, planned_steps=lambda layer: 1, memory_limit=3 * step_bytes // 2,
+                              spill_parent=str(tmp_path))
+    _write_steps(writer, 4)
+    assert writer.memory_bytes <= 3 * step_bytes // 2 and writer.nbytes > 4 * step_bytes
+    writer.commit()
+    assert not bank.entries and len(bank.files()) == 4 and bank.keys() == in_memory.keys()
+    for step, layer, role in bank.keys():
+        assert torch.equal(bank.stored_tokens(step, layer, [role], 10), in_memory.stored_tokens(step, layer, [role], 10))
+    with pytest.raises(bank_mod.BankError, match="keep must be one of"):
+        bank_mod.IdentityBank(keep="swap")
+
+
 def test_bank_lookup_and_errors(att):
     _, _, bank_mod = att
     bank = _filled_bank(bank_mod)
