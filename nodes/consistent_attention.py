@@ -113,7 +113,7 @@ class IdentityBankWrite:
             "storage": (["cpu", "device"], {"default": "cpu",
                                             "tooltip": "Where a read keeps the current step's tokens: CPU memory (moved to "
                                                        "the GPU layer by layer) or the sampling device (one step at a time, "
-                                                       "never the whole bank). The bank itself is kept in CPU memory."}),
+                                                       "never the whole bank). The bank itself is kept in CPU memory or on disk (keep)."}),
             "dtype": (["fp16", "bf16", "fp32", "fp8"], {"default": "fp16",
                                                         "tooltip": "Precision of the stored tokens (UNets: hidden states; "
                                                                    "DiTs: keys and values, twice the bytes). fp16: what the "
