@@ -82,6 +82,43 @@ def pad_like_encoder(clip, text: str, conditioning: list, length: int) -> list |
     return padded
 
 
+def token_counts(clip, text: str) -> dict:
+    """{tokenizer key: token count} of the token-level (non-CLIP) encoders of `clip` for `text`."""
+    tokens = clip.tokenize(text)
+    if not isinstance(tokens, dict):
+        return {}
+    return {k: len(v[0]) for k, v in tokens.items() if k not in CLIP_TOKEN_KEYS and v and len(v) == 1}
+
+
+def _extras_differ(per_panel: list) -> bool:
+    """Whether some per-panel tensor of the conditioning extras (e.g. HiDream's Llama states) differs in shape."""
+    first = per_panel[0][0][1]
+    for entries in per_panel[1:]:
+        for key, value in entries[0][1].items():
+            other = first.get(key)
+            if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape != other.shape:
+                return True
+    return False
+
+
+def pad_token_keys(clip, prompts: list[str], per_panel: list) -> list:
+    """Encoders with several token-level parts (HiDream: T5 as the cond, Llama states as an extra): every panel
+    whose token counts are below the longest panel's, key by key, is re-encoded with each tokenizer's own
+    padding up to those counts (`<key>_min_length`), so every part has one length across the batch. Panels
+    that cannot be padded that way are left as they are (batch_conditioning then says which key differs)."""
+    counts = {p: token_counts(clip, p) for p in dict.fromkeys(prompts)}
+    keys = set().union(*(c.keys() for c in counts.values()))
+    if len(keys) < 2 or any(c.keys() != keys for c in counts.values()):
+        return per_panel
+    target = {key: max(c[key] for c in counts.values()) for key in keys}
+    embedding_keys = {key: _embedding_key(clip, key) for key in keys}
+    if any(v is None for v in embedding_keys.values()):
+        return per_panel
+    options = {f"{embedding_keys[key]}_min_length": n for key, n in target.items()}
+    padded = {p: encode_prompt(clip, p, options) for p, c in counts.items() if c != target}
+    return [padded.get(p) or entries for p, entries in zip(prompts, per_panel)]
+
+
 def _embedding_key(clip, key: str):
     """The tokenizer's option prefix (its embedding_key) for the tokens under `key`."""
     tokenizer = getattr(clip, "tokenizer", None)
@@ -207,6 +244,8 @@ def encode_panels(clip, prompts: list[str], lines: list[int] | None = None, prog
             per_panel = [padded.get(p) or entries for p, entries in zip(prompts, per_panel)]
             if caption_multiple(clip) > 1:
                 per_panel = [_without_attention_mask(entries) for entries in per_panel]
+    elif len(per_panel[0]) == 1 and _extras_differ(per_panel):
+        per_panel = pad_token_keys(clip, prompts, per_panel)
     return batch_conditioning(per_panel, lines)
 
 

@@ -1,4 +1,4 @@
-"""The story node's per-panel conditioning for the DiT families' text encoders (issue 13).
+"""The story node's per-panel conditioning for the DiT families' text encoders (issue 13), HiDream's four included.
 
 Tiny random encoders (tests/tiny_text_encoders.py) loaded as ComfyUI's CLIP loader nodes load them, with
 the real tokenizers ComfyUI ships (Gemma-2: a small SentencePiece model in the file, as the real file
@@ -79,11 +79,13 @@ def test_tiny_files_use_the_real_key_names_and_stay_small(pack, tmp_path):
                 "qwen25_7b": "model.layers.0.self_attn.k_proj.bias",
                 "qwen3_4b": "model.layers.0.self_attn.q_norm.weight",
                 "gemma2_2b": "model.layers.0.post_feedforward_layernorm.weight",
-                "mistral3_24b": "model.layers.29.self_attn.q_proj.weight"}
+                "mistral3_24b": "model.layers.29.self_attn.q_proj.weight",
+                "llama3_8b": "model.layers.0.post_attention_layernorm.weight"}
     embeddings = {"clip_l": ("text_model.embeddings.token_embedding.weight", 49408),
                   "t5xxl": ("shared.weight", 32128), "qwen25_7b": ("model.embed_tokens.weight", 152064),
                   "qwen3_4b": ("model.embed_tokens.weight", 151936),
-                  "mistral3_24b": ("model.embed_tokens.weight", 131072)}
+                  "mistral3_24b": ("model.embed_tokens.weight", 131072),
+                  "llama3_8b": ("model.embed_tokens.weight", 128256)}
     for kind, key in expected.items():
         path = tiny_text_encoders.write(kind, str(tmp_path / f"{kind}.safetensors"))
         assert (tmp_path / f"{kind}.safetensors").stat().st_size < 30 * 2 ** 20
@@ -94,7 +96,7 @@ def test_tiny_files_use_the_real_key_names_and_stay_small(pack, tmp_path):
                 assert f.get_slice(name).get_shape()[0] == rows  # every id of the real tokenizer has a row
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + ["hidream"])
 def test_equal_length_panels_are_exactly_core_clip_text_encode(comfy_nodes, story_node, clips, family):
     clip = clips(family)
     positive, negative, _, story, _ = story_node.build(clip, CHARACTERS, SAME_LENGTH, "(No style)", "blurry", 1)
@@ -145,6 +147,38 @@ def test_panels_of_different_lengths_are_padded_by_the_encoder_not_tiled(comfy_n
             mask = extras["attention_mask"][i]
             assert int(mask.sum()) == n and mask.shape[0] == longest  # exactly the padding is masked
             assert torch.equal(mask[:n], torch.ones(n, dtype=mask.dtype))  # right padding
+
+
+def test_hidream_rows_are_core_encodes_with_the_llama_tokens_padded_to_the_longest_panel(comfy_nodes, story_node, clips):
+    """HiDream I1 (CLIP-L + CLIP-G + T5-XXL + Llama-3.1 8B): T5 always gives 128 tokens (the cond), the Llama
+    states (conditioning_llama3) one per token from 128 up. A panel past 128 Llama tokens makes them differ: the
+    longest panel is core CLIPTextEncode, the others are core tokenize+encode with each tokenizer padding to
+    the longest panel's token counts (never tiled, never refused). ComfyUI 0.8.0 cuts the Llama tokens at 128 as
+    well: there every panel has the same shapes and every row is core CLIPTextEncode."""
+    clip = clips("hidream")
+    long = "\n[Leo] " + ", ".join(f"detail {i}" for i in range(80))
+    positive, _, _, story, _ = story_node.build(clip, CHARACTERS, PANELS + long, "(No style)", "", 1)
+    ((cond, extras),) = positive
+    cores = [core_encode(comfy_nodes, clip, p.prompt)[0] for p in story.panels]
+    llama = [c[1]["conditioning_llama3"].shape[2] for c in cores]
+    counts = [len(clip.tokenize(p.prompt)["llama"][0]) for p in story.panels]
+    assert len({c[0].shape[1] for c in cores}) == 1  # T5: 128 tokens for every panel
+    assert (len(set(llama)) > 1) == (max(counts) > 128)  # one length where this ComfyUI cuts the Llama tokens
+    target = {"t5xxl_min_length": 128, "llama_min_length": max(counts)}
+    assert extras["conditioning_llama3"].shape[2] == max(llama)
+    for i, (core_cond, core_extras) in enumerate(cores):
+        if core_extras["conditioning_llama3"].shape[2] == max(llama):
+            expected = (core_cond, core_extras)
+        else:
+            ((ref_cond, ref_extras),) = clip.encode_from_tokens_scheduled(clip.tokenize(story.panels[i].prompt,
+                                                                                        tokenizer_options=target))
+            expected = (ref_cond, ref_extras)
+            # right padding of a causal model: the panel's own token states are those of its unpadded encoding
+            n = core_extras["conditioning_llama3"].shape[2]
+            torch.testing.assert_close(ref_extras["conditioning_llama3"][:, :, :n], core_extras["conditioning_llama3"],
+                                       atol=1e-5, rtol=1e-5)
+        assert torch.equal(cond[i:i + 1], expected[0])
+        assert_same_extras(extras, i, expected[1], expected[0].shape[1])
 
 
 def test_sd3_clip_only_long_prompts_still_tile(comfy_nodes, story_node, clips):

@@ -62,6 +62,7 @@ KINDS = {
     "qwen3_4b": ("CLIPLoader", "lumina2", "tiny_qwen_3_4b.safetensors"),
     "gemma2_2b": ("CLIPLoader", "lumina2", "tiny_gemma_2_2b.safetensors"),
     "mistral3_24b": ("CLIPLoader", "flux2", "tiny_mistral_3_small_flux2.safetensors"),
+    "llama3_8b": ("QuadrupleCLIPLoader", "hidream", "tiny_llama_3.1_8b_instruct.safetensors"),
 }
 
 # family -> (loader node, clip type, kinds in the loader's input order)
@@ -76,6 +77,7 @@ FAMILIES = {
     "qwen_image": ("CLIPLoader", "qwen_image", ("qwen25_7b",)),
     "z_image": ("CLIPLoader", "lumina2", ("qwen3_4b",)),
     "lumina2": ("CLIPLoader", "lumina2", ("gemma2_2b",)),
+    "hidream": ("QuadrupleCLIPLoader", "hidream", ("clip_l", "clip_g", "t5xxl", "llama3_8b")),
 }
 
 WIDTH = 16
@@ -102,6 +104,10 @@ _CONFIGS = {
     "gemma2_2b": ("gemma2_2b_model_config", {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
                                              "num_hidden_layers": 3, "num_attention_heads": 2,
                                              "num_key_value_heads": 1}),
+    # HiDream I1's Llama-3.1 8B: every layer's states (layer "all"); HiDream builds it with vocab 128256
+    "llama3_8b": ("llama_model_config", {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
+                                         "num_hidden_layers": 3, "num_attention_heads": 2,
+                                         "num_key_value_heads": 1, "vocab_size": 128256}),
     # 30 layers: Flux.2 reads the outputs of layers 10, 20 and 30
     "mistral3_24b": ("mistral3_24b_model_config", {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
                                                    "num_hidden_layers": 30, "num_attention_heads": 1,
@@ -138,7 +144,7 @@ def _module(kind: str):
         full.update(config)
         return comfy.text_encoders.t5.T5(full, torch.float32, "cpu", ops)
     cls = {"qwen25_7b": llama.Qwen25_7BVLI, "qwen3_4b": llama.Qwen3_4B, "gemma2_2b": llama.Gemma2_2B,
-           "mistral3_24b": llama.Mistral3Small24B}[kind]
+           "mistral3_24b": llama.Mistral3Small24B, "llama3_8b": llama.Llama2}[kind]
     if kind == "mistral3_24b":
         config["final_norm"] = False  # the pruned Flux.2 encoder has no final norm (as ComfyUI builds it)
     model = cls(config, torch.float32, "meta" if kind == "qwen25_7b" else "cpu", ops)
