@@ -183,6 +183,38 @@ def test_interrupted_run_then_new_run_reproduces(csa, sd15):
     assert torch.equal(run(patched), clean)  # the write mode does not change the images
 
 
+def test_an_interrupted_write_to_disk_leaves_no_files_and_the_rerun_matches(csa, sd15, monkeypatch, tmp_path):
+    import comfy.model_management
+
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    spill = tmp_path / "spill"
+    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    patched = patch(csa, sd15)
+    in_memory = IdentityBank(keep="memory")
+    ksampler(csa.with_bank(patched, csa.MODE_WRITE, in_memory), panels=2, steps=3)
+    bank = IdentityBank(keep="disk")
+    writer = csa.with_bank(patched, csa.MODE_WRITE, bank)
+
+    def interrupt(step, *args):
+        if step == 1:  # step 0 is on disk by then
+            raise comfy.model_management.InterruptProcessingException()
+
+    import latent_preview
+
+    monkeypatch.setattr(latent_preview, "prepare_callback", lambda *a, **k: interrupt)  # KSampler's step callback
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        ksampler(writer, panels=2, steps=3)
+    assert bank.empty and os.listdir(spill) == []  # no half bank, no step files
+    monkeypatch.undo()
+    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    ksampler(writer, panels=2, steps=3)
+    assert len(bank.files()) == 3 and bank.keys() == in_memory.keys()
+    assert all(torch.equal(bank.stored_tokens(s, layer, [role], bank.layer_tokens[layer]),
+                           in_memory.stored_tokens(s, layer, [role], in_memory.layer_tokens[layer]))
+               for s, layer, role in bank.keys())
+
+
 def test_story_groups_and_batch_mismatch(csa, sd15):
     plain = ksampler(sd15, panels=4)
     story = make_story([("Ann",), ("Ann",), ("Bob",), ()])
