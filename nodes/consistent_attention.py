@@ -126,7 +126,9 @@ class IdentityBankWrite:
                                                      "(80% of the free RAM, known after the first step), else on disk. "
                                                      "memory: in RAM (a run that would not fit stops after its first step "
                                                      "and says what to change). disk: one file per step in ComfyUI's temp "
-                                                     "folder, one step in RAM (DiT banks are ~1 GB per image per step)."}),
+                                                     "folder, one step in RAM (DiT banks are ~1 GB per image per step); "
+                                                     "ComfyUI empties that folder when it starts: Save Identity Bank "
+                                                     "keeps a bank."}),
         }}
 
     def write(self, model, storage, dtype, keep="auto"):
