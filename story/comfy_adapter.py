@@ -54,15 +54,22 @@ def encode_prompt(clip, text: str, tokenizer_options: dict | None = None) -> lis
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def _token_level_key(clip, text: str):
-    """(tokenizer key, token count) of the one token-level (non-CLIP) encoder of `clip`, else None."""
+def token_counts(clip, text: str) -> dict | None:
+    """{tokenizer key: token count} of the token-level (non-CLIP) encoders of `clip` for `text`; None when one
+    of them gives more than one chunk (its length then cannot be set with `<key>_min_length`)."""
     tokens = clip.tokenize(text)
     if not isinstance(tokens, dict):
-        return None
+        return {}
     keys = [k for k, v in tokens.items() if k not in CLIP_TOKEN_KEYS and v]
-    if len(keys) != 1 or len(tokens[keys[0]]) != 1:
+    if any(len(tokens[k]) != 1 for k in keys):
         return None
-    return keys[0], len(tokens[keys[0]][0])
+    return {k: len(tokens[k][0]) for k in keys}
+
+
+def _token_level_key(clip, text: str):
+    """(tokenizer key, token count) of the one token-level (non-CLIP) encoder of `clip`, else None."""
+    counts = token_counts(clip, text)
+    return next(iter(counts.items())) if counts is not None and len(counts) == 1 else None
 
 
 def pad_like_encoder(clip, text: str, conditioning: list, length: int) -> list | None:
@@ -82,14 +89,6 @@ def pad_like_encoder(clip, text: str, conditioning: list, length: int) -> list |
     return padded
 
 
-def token_counts(clip, text: str) -> dict:
-    """{tokenizer key: token count} of the token-level (non-CLIP) encoders of `clip` for `text`."""
-    tokens = clip.tokenize(text)
-    if not isinstance(tokens, dict):
-        return {}
-    return {k: len(v[0]) for k, v in tokens.items() if k not in CLIP_TOKEN_KEYS and v and len(v) == 1}
-
-
 def _extras_differ(per_panel: list) -> bool:
     """Whether some per-panel tensor of the conditioning extras (e.g. HiDream's Llama states) differs in shape."""
     first = per_panel[0][0][1]
@@ -107,6 +106,8 @@ def pad_token_keys(clip, prompts: list[str], per_panel: list) -> list:
     padding up to those counts (`<key>_min_length`), so every part has one length across the batch. Panels
     that cannot be padded that way are left as they are (batch_conditioning then says which key differs)."""
     counts = {p: token_counts(clip, p) for p in dict.fromkeys(prompts)}
+    if any(c is None for c in counts.values()):
+        return per_panel
     keys = set().union(*(c.keys() for c in counts.values()))
     if len(keys) < 2 or any(c.keys() != keys for c in counts.values()):
         return per_panel
