@@ -31,6 +31,7 @@ Plain torch; save/load uses safetensors with a JSON header, so a character can b
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -357,9 +358,9 @@ def _merge_safetensors(path: str, sources: list, metadata: dict):
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(blob)))
         out.write(blob)
-        for file in sorted(by_file):
+        for file, items in itertools.groupby(plan, key=lambda item: item[1]):  # the plan is file by file
             with safe_open(file, framework="pt", device="cpu") as f:
-                for name, _, *_ in (item for item in plan if item[1] == file):
+                for name, *_ in items:
                     out.write(f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 

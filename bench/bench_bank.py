@@ -79,8 +79,6 @@ def official_schedule_fraction(schedule_mod, layer_count: int) -> float:
 def read_peak_mib(steps: int, folder: str) -> float:
     """Peak RSS growth (MiB) of a fresh process that loads a saved SD1.5 512 px bank of `steps` steps
     (one identity image, fp16) and reads every step's tensors for every layer, as a read run does."""
-    import subprocess
-
     path = os.path.join(folder, f"bank_{steps}.safetensors")
     if not os.path.exists(path):
         bank_mod, _ = import_pack()
@@ -93,13 +91,7 @@ def read_peak_mib(steps: int, folder: str) -> float:
                 writer.put(step, ("output", index, 0), ["positive", "negative"], hidden, tokens)
         writer.commit()
         bank.save(path)
-    code = f"""
-import sys, types
-sys.path.insert(0, {REPO!r})
-pack = types.ModuleType("sdpack"); pack.__path__ = [{REPO!r}]; sys.modules["sdpack"] = pack
-from sdpack.attention import bank as bank_mod
-def hwm():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    body = f"""
 layers = {[t for t, _ in layers_of("SD1.5 512px")]!r}
 bank = bank_mod.IdentityBank.load({path!r})
 before = hwm()
@@ -108,23 +100,41 @@ for step in range({steps}):
         bank.stored_tokens(step, ("output", index, 0), ["positive", "negative"], tokens)
 print((hwm() - before) / 1024)
 """
-    # a fixed mmap threshold: glibc's dynamic one otherwise keeps freed step tensors in the heap, and RSS
-    # would measure the allocator, not the bank (the same setting as bench_memory.py)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(run_child(body)[0])
 
 
-WRITE_CHILD = """
+CHILD_PREAMBLE = f"""
 import sys, types, torch
-sys.path.insert(0, {repo!r})
-pack = types.ModuleType("sdpack"); pack.__path__ = [{repo!r}]; sys.modules["sdpack"] = pack
+sys.path.insert(0, {REPO!r})
+pack = types.ModuleType("sdpack"); pack.__path__ = [{REPO!r}]; sys.modules["sdpack"] = pack
 from sdpack.attention import bank as bank_mod
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-layers = {layers!r}
+"""
+
+
+def run_child(body: str) -> list[str]:
+    """The words of the last line `body` prints, run after CHILD_PREAMBLE in a fresh process (peak RSS = its own)."""
+    import subprocess
+
+    # a fixed mmap threshold: glibc's dynamic one otherwise keeps freed step tensors in the heap, and RSS
+    # would measure the allocator, not the bank (the same setting as bench_memory.py)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", CHILD_PREAMBLE + body], capture_output=True, text=True, check=True,
+                         env=env)
+    return out.stdout.strip().splitlines()[-1].split()
+
+
+WRITE_GEOMETRY = "SDXL 1024px"
+
+
+def write_peak_mib(steps: int, keep: str, folder: str) -> tuple[float, float]:
+    """(peak RSS growth MiB, bank MiB) of a fresh process writing an SDXL 1024 px bank of `steps` steps (one
+    identity image, fp16, cond + uncond) through the real BankWriter, kept in memory or on disk (`keep`)."""
+    body = f"""
+layers = {layers_of(WRITE_GEOMETRY)!r}
 g = torch.Generator().manual_seed(0)
-hidden = {{tokens: torch.randn(2, 1, round(tokens * {rate}), channels, generator=g) for tokens, channels in layers}}
+hidden = {{tokens: torch.randn(2, 1, round(tokens * {RATE}), channels, generator=g) for tokens, channels in set(layers)}}
 bank = bank_mod.IdentityBank(dtype="fp16", keep={keep!r})
 writer = bank.begin_write([0], [("A",)], [float({steps} - i) for i in range({steps} + 1)],
                           planned_steps=lambda layer: {steps}, spill_parent={folder!r})
@@ -135,18 +145,7 @@ for step in range({steps}):
 writer.commit()
 print((hwm() - before) / 1024, bank.nbytes() / 2**20)
 """
-
-
-def write_peak_mib(steps: int, keep: str, folder: str) -> tuple[float, float]:
-    """(peak RSS growth MiB, bank MiB) of a fresh process writing an SD1.5 512 px bank of `steps` steps (one
-    identity image, fp16) through the real BankWriter, kept in memory or on disk (`keep`)."""
-    import subprocess
-
-    code = WRITE_CHILD.format(repo=REPO, layers=layers_of("SD1.5 512px"), rate=RATE, keep=keep, steps=steps,
-                              folder=folder)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # see read_peak_mib
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    peak, size = out.stdout.strip().splitlines()[-1].split()
+    peak, size = run_child(body)
     return float(peak), float(size)
 
 
@@ -185,7 +184,7 @@ def bank_rows(args=None):
         writes = {(keep, steps): write_peak_mib(steps, keep, folder) for keep in ("memory", "disk") for steps in (10, 30)}
     for keep in ("memory", "disk"):
         (p10, s10), (p30, s30) = writes[(keep, 10)], writes[(keep, 30)]
-        lines.append(f"Write run, keep {keep} (same bank): peak RSS growth {p10:.0f} MiB for 10 steps, {p30:.0f} MiB "
+        lines.append(f"Write run of an {WRITE_GEOMETRY} bank (1 image, fp16), keep {keep}: peak RSS growth {p10:.0f} MiB for 10 steps, {p30:.0f} MiB "
                      f"for 30 steps (ratio {p30 / max(p10, 1e-6):.2f}; banks of {s10:.0f} and {s30:.0f} MiB).")
         result[f"write_peak_mib_{keep}"] = {"10_steps": round(p10, 1), "30_steps": round(p30, 1)}
     disk_growth = writes[("disk", 30)][0] / max(writes[("disk", 10)][0], 1e-6)
