@@ -86,7 +86,7 @@ def make_unet(device):
 
 def model_call(patcher, panels, latent, sigma, sample_sigmas, run=None):
     """One cond+uncond model call as the sampler makes it (rows: uncond chunk, cond chunk)."""
-    from comfyui_storydiffusion.attention import comfy_adapter
+    from comfyui_storydiffusion.attention import comfy as csa
 
     model = patcher.model
     device = next(model.diffusion_model.parameters()).device
@@ -98,7 +98,7 @@ def model_call(patcher, panels, latent, sigma, sample_sigmas, run=None):
     options.update({"cond_or_uncond": [1, 0], "sigmas": torch.full((2 * panels,), sigma, device=device),
                     "sample_sigmas": sample_sigmas})
     if run is not None:
-        options[comfy_adapter.RUN_KEY] = run
+        options[csa.RUN_KEY] = run
         run.start_evaluation(sigma)  # what the sampler's PREDICT_NOISE wrapper does once per evaluation
     with torch.inference_mode():
         return model.apply_model(x, torch.full((2 * panels,), sigma, device=device), c_crossattn=context,
@@ -159,7 +159,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     comfy_env.import_pack()
-    from comfyui_storydiffusion.attention import comfy_adapter
+    from comfyui_storydiffusion.attention import comfy as csa
     from comfyui_storydiffusion.attention.bank import IdentityBank
     from comfyui_storydiffusion.story.model import Character, Panel, Story
 
@@ -173,7 +173,7 @@ def main():
     sigma = sigmas[3]
 
     def patched(window=0, story=None):
-        return comfy_adapter.patch_model(unet, rate=0.5, rate_high_res=0.5, window=window,
+        return csa.patch_model(unet, rate=0.5, rate_high_res=0.5, window=window,
                                        layer_choice="output blocks (official)", custom_layers="", start_percent=0.0,
                                        end_percent=1.0, official_schedule=False, seed=0, story=story)
 
@@ -182,8 +182,8 @@ def main():
     for mode, window, panel_counts in (("batch", 0, counts), ("window W=4", 4, [c for c in counts if c >= 4])):
         for panels in panel_counts:
             model = patched(window)
-            config = model.model_options["transformer_options"][comfy_adapter.CONFIG_KEY]
-            run = comfy_adapter.start_run(config, panels, sigmas)
+            config = model.model_options["transformer_options"][csa.CONFIG_KEY]
+            run = csa.start_run(config, panels, sigmas)
             t_plain = timed(lambda: model_call(unet, panels, latent, sigma, sigmas), repeats)
             t_csa = timed(lambda: model_call(model, panels, latent, sigma, sigmas, run), repeats)
             with PeakMemory(device) as m_plain:
@@ -203,18 +203,18 @@ def main():
         story = Story((Character("Hero", "a hero"),), panels, {"Hero": (0, 1, 2, 3)})
         model = patched(story=story)
         bank = IdentityBank()
-        writer = comfy_adapter.with_bank(model, comfy_adapter.MODE_WRITE, bank)
-        config_w = writer.model_options["transformer_options"][comfy_adapter.CONFIG_KEY]
+        writer = csa.with_bank(model, csa.MODE_WRITE, bank)
+        config_w = writer.model_options["transformer_options"][csa.CONFIG_KEY]
         with PeakMemory(device) as mem:
-            run = comfy_adapter.start_run(config_w, 4, sigmas)
+            run = csa.start_run(config_w, 4, sigmas)
             for s in sigmas[:2]:
                 model_call(writer, 4, latent, s, sigmas, run)
             run.writer.commit()
             start = time.perf_counter()
             for first in range(4, 4 + story_len):
-                reader = comfy_adapter.with_bank(model, comfy_adapter.MODE_READ, bank, first_panel=first)
-                config_r = reader.model_options["transformer_options"][comfy_adapter.CONFIG_KEY]
-                run = comfy_adapter.start_run(config_r, 1, sigmas)
+                reader = csa.with_bank(model, csa.MODE_READ, bank, first_panel=first)
+                config_r = reader.model_options["transformer_options"][csa.CONFIG_KEY]
+                run = csa.start_run(config_r, 1, sigmas)
                 model_call(reader, 1, latent, sigmas[1], sigmas, run)
             per_panel = (time.perf_counter() - start) / story_len
         rows.append((f"bank, story {story_len}", 1, float("nan"), per_panel, float("nan"), float("nan"),

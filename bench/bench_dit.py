@@ -23,7 +23,7 @@ plain and CSA calls alternating, median.
 
 Bank bytes: the DiT identity bank stores the sampled post-RoPE keys and values of the image tokens of each
 identity image: n_sampled x 2 (k, v) x 3072 channels x bytes per value for each selected block and each stored
-chunk (Flux: 1). Reported per block and for DiTFamily.default_blocks of Flux.1 (attention/comfy_adapter.py:
+chunk (Flux: 1). Reported per block and for DiTFamily.default_blocks of Flux.1 (attention/comfy/dit_families.py:
 double 10-18 and single 0-37, 47 blocks), fp16 and fp8; and per 30-step run.
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def measure(spec: dict, pack: str, bench) -> dict:
 
 def default_flux_blocks(pack: str) -> list:
     """DiTFamily.default_blocks of Flux.1 (19 double, 38 single blocks); importable without ComfyUI."""
-    adapter = importlib.import_module(f"{pack}.attention.comfy_adapter")
+    adapter = importlib.import_module(f"{pack}.attention.comfy")
     model = SimpleNamespace(double_blocks=[None] * FLUX["double"], single_blocks=[None] * FLUX["single"])
     return adapter.FLUX1.default_blocks(model)
 

@@ -70,7 +70,7 @@ def model_call(patcher, panels, latent, sigma, sample_sigmas, run=None):
     """One model call of `panels` rows (one chunk), with the patcher's wrappers and transformer options."""
     import comfy.patcher_extension
 
-    from comfyui_storydiffusion.attention import comfy_adapter
+    from comfyui_storydiffusion.attention import comfy as csa
 
     model = patcher.model
     device = next(model.diffusion_model.parameters()).device
@@ -84,7 +84,7 @@ def model_call(patcher, panels, latent, sigma, sample_sigmas, run=None):
     options.update({"cond_or_uncond": [0], "sigmas": torch.full((panels,), sigma, device=device),
                     "sample_sigmas": sample_sigmas})
     if run is not None:
-        options[comfy_adapter.RUN_KEY] = run
+        options[csa.RUN_KEY] = run
         run.start_evaluation(sigma)  # what the sampler's PREDICT_NOISE wrapper does once per evaluation
     with torch.inference_mode():
         return model.apply_model(x, torch.full((panels,), sigma, device=device), c_crossattn=context, y=pooled,
@@ -154,7 +154,7 @@ def main():
     comfy_env.import_pack()
     from torch.utils.flop_counter import FlopCounterMode
 
-    from comfyui_storydiffusion.attention import comfy_adapter
+    from comfyui_storydiffusion.attention import comfy as csa
 
     start = time.perf_counter()
     flux = make_flux(device, dtype, args.small)
@@ -166,7 +166,7 @@ def main():
     sigma = sigmas[5]
 
     def patched(window):
-        return comfy_adapter.patch_model(flux, rate=0.5, rate_high_res=0.5, window=window,
+        return csa.patch_model(flux, rate=0.5, rate_high_res=0.5, window=window,
                                        layer_choice="output blocks (official)", custom_layers="", start_percent=0.0,
                                        end_percent=1.0, official_schedule=False, seed=0)
 
@@ -182,8 +182,8 @@ def main():
             if window and panels <= window:
                 continue
             model = patched(window)
-            config = model.model_options["transformer_options"][comfy_adapter.CONFIG_KEY]
-            run = comfy_adapter.start_run(config, panels, sigmas)
+            config = model.model_options["transformer_options"][csa.CONFIG_KEY]
+            run = csa.start_run(config, panels, sigmas)
             difference = (model_call(model, panels, latent, sigma, sigmas, run).float()
                           - model_call(flux, panels, latent, sigma, sigmas).float()).abs().max()
             if not float(difference) > 0:  # the override must have run, or the figures measure nothing

@@ -13,7 +13,7 @@ import os
 from typing import Callable, Iterable, Optional
 
 from .attention import AttentionFn
-from .errors import StoryDiffusionError
+from .roles import CFG_ROLES, chunk_roles, role_names
 from .sigmas import SigmaWindow, check_percents
 
 
@@ -82,28 +82,8 @@ def model_file_path(name: str, file: str, extensions: Iterable[str]) -> Optional
 # the chunks of a model call
 
 
-CFG_ROLES = ("positive", "negative")  # CFGGuider / BasicGuider: calc_cond_batch([positive, negative])
-DUAL_CFG_ROLES = ("negative", "middle", "positive")  # DualCFGGuider: calc_cond_batch([negative, middle, positive])
 ROLES_KEY = "storydiffusion_chunk_roles"
 ROLES_WRAPPER_KEY = "storydiffusion_chunk_roles"
-
-
-def chunk_roles(guider) -> tuple:
-    """What each index of `cond_or_uncond` means for this guider: 0 is the positive prompt for CFGGuider
-    but the *negative* one for DualCFGGuider, whose chunks are (negative, middle, positive)."""
-    conds = getattr(guider, "original_conds", None) or getattr(guider, "conds", None) or {}
-    if "middle" in conds:
-        return DUAL_CFG_ROLES
-    return CFG_ROLES
-
-
-def role_names(roles: tuple, kinds) -> list:
-    """The role of each chunk index in `kinds` (a call's cond_or_uncond) for a guider whose chunks are `roles`."""
-    kinds = [int(k) for k in kinds]
-    if any(k >= len(roles) for k in kinds):
-        raise StoryDiffusionError(f"StoryDiffusion: a model call has chunks {kinds} but the guider has {len(roles)} "
-                                  f"({', '.join(roles)}); use KSampler, CFGGuider, BasicGuider or DualCFGGuider")
-    return [roles[k] for k in kinds]
 
 
 def roles_of_call(extra_options: dict) -> list:

@@ -1,7 +1,7 @@
 """Nodes for Consistent Self-Attention and the identity bank (thin: inputs, validation, calls into attention/)."""
 from __future__ import annotations
 
-from ..attention import comfy_adapter
+from ..attention import comfy as csa
 from ..attention import schedule as csa_schedule
 from ..attention.bank import KEEP_CHOICES, IdentityBank
 from ..common.errors import StoryDiffusionError
@@ -84,7 +84,7 @@ class ConsistentSelfAttention:
     def patch(self, model, rate, rate_high_res, window_size, layers, custom_layers, start_percent, end_percent,
               schedule, seed, story=None):
         try:
-            patched = comfy_adapter.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
+            patched = csa.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
                                                 layer_choice=layers, custom_layers=custom_layers,
                                                 start_percent=start_percent, end_percent=end_percent,
                                                 official_schedule=schedule == csa_schedule.SCHEDULE_OFFICIAL, seed=seed, story=story)
@@ -134,7 +134,7 @@ class IdentityBankWrite:
     def write(self, model, storage, dtype, keep="auto"):
         try:
             bank = IdentityBank(storage=storage, dtype=dtype, keep=keep)
-            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_WRITE, bank), bank)
+            return (csa.with_bank(model, csa.MODE_WRITE, bank), bank)
         except ValueError as e:
             raise _user_error(e) from None
 
@@ -170,7 +170,7 @@ class IdentityBankRead:
                              "'Identity Bank Write' model to the 'after' input, or load a saved bank")
         try:
             rows = None if panels is None else panels.rows
-            return (comfy_adapter.with_bank(model, comfy_adapter.MODE_READ, bank, first_panel, rows=rows),)
+            return (csa.with_bank(model, csa.MODE_READ, bank, first_panel, rows=rows),)
         except ValueError as e:
             raise _user_error(e) from None
 
@@ -197,7 +197,7 @@ class SaveIdentityBank:
 
     def save(self, bank, filename_prefix, after=None):
         try:
-            name = comfy_adapter.save_bank_file(bank, filename_prefix)
+            name = csa.save_bank_file(bank, filename_prefix)
         except ValueError as e:
             raise _user_error(e) from None
         return {"ui": {"text": [name]}}
@@ -214,7 +214,7 @@ class LoadIdentityBank:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "bank_name": (comfy_adapter.list_bank_files(), {
+            "bank_name": (csa.list_bank_files(), {
                 "tooltip": "An identity bank in models/storydiffusion, as 'Save Identity Bank' writes it. Only "
                            ".safetensors banks are listed (motion predictors in the same folder are not)."}),
             "storage": (["cpu", "device"], {"default": "cpu",
@@ -224,7 +224,7 @@ class LoadIdentityBank:
 
     def load(self, bank_name, storage):
         try:
-            return (comfy_adapter.load_bank_file(bank_name, storage),)
+            return (csa.load_bank_file(bank_name, storage),)
         except ValueError as e:
             raise _user_error(e) from None
 

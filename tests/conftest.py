@@ -98,7 +98,7 @@ def server(tmp_path_factory, models_dir):
 
 @pytest.fixture(scope="session")
 def csa(pack, comfy_nodes):
-    """attention/comfy_adapter.py of the pack, imported once ComfyUI's nodes are loaded."""
-    import comfyui_storydiffusion.attention.comfy_adapter as comfy_adapter
+    """attention/comfy (the CSA glue) of the pack, imported once ComfyUI's nodes are loaded."""
+    import comfyui_storydiffusion.attention.comfy as csa_glue
 
-    return comfy_adapter
+    return csa_glue

@@ -231,11 +231,11 @@ def test_consistent_self_attention_shares_inside_each_context_window(comfy, comf
     """With context windows ADE calls the model on a window of frames at a time (absolute indices in
     ad_params["sub_idxs"]): CSA maps the call's rows to those frames and shares among them only. An
     identity bank needs every panel in one call and is refused there with a reason."""
-    import comfyui_storydiffusion.attention.comfy_adapter as csa
+    import comfyui_storydiffusion.attention.run as run_module
 
     seen = []
-    real = csa._context_window
-    monkeypatch.setattr(csa, "_context_window", lambda run, batch, extra: seen.append(
+    real = run_module.context_window
+    monkeypatch.setattr(run_module, "context_window", lambda run, batch, extra: seen.append(
         tuple(extra["ad_params"]["sub_idxs"])) or real(run, batch, extra))
     graph = Graph(comfy_nodes, real_width_checkpoint)
     model = [graph.ckpt, 0]

@@ -132,6 +132,8 @@ def _call_replace(csa, model, rows_q, kinds, sigma=5.0):
 
 def test_chunk_layouts_share_only_inside_a_chunk(csa, sd15):
     """Each chunk of a call gives what it gives alone, whatever cond_or_uncond holds."""
+    from comfyui_storydiffusion.common import comfy_adapter as glue
+
     patched = patch(csa, sd15)
     g = torch.Generator().manual_seed(0)
     data = [[torch.randn(3, 20, 16, generator=g) for _ in range(3)] for _ in range(3)]  # chunk position -> q, k, v
@@ -142,7 +144,7 @@ def test_chunk_layouts_share_only_inside_a_chunk(csa, sd15):
         for c in range(len(layout)):
             torch.testing.assert_close(out[3 * c:3 * c + 3], alone[c], atol=1e-6, rtol=0)
     # and sharing really happens inside a chunk
-    plain = csa.glue.comfy_attention({})(*data[0], 2)
+    plain = glue.comfy_attention({})(*data[0], 2)
     assert (alone[0] - plain).abs().max() > 1e-4
 
 
@@ -187,9 +189,10 @@ def test_an_interrupted_write_to_disk_leaves_no_files_and_the_rerun_matches(csa,
     import comfy.model_management
 
     from comfyui_storydiffusion.attention.bank import IdentityBank
+    from comfyui_storydiffusion.attention.comfy import lifecycle
 
     spill = tmp_path / "spill"
-    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    monkeypatch.setattr(lifecycle, "bank_spill_parent", lambda: str(spill))
     patched = patch(csa, sd15)
     in_memory = IdentityBank(keep="memory")
     ksampler(csa.with_bank(patched, csa.MODE_WRITE, in_memory), panels=2, steps=3)
@@ -207,7 +210,7 @@ def test_an_interrupted_write_to_disk_leaves_no_files_and_the_rerun_matches(csa,
         ksampler(writer, panels=2, steps=3)
     assert bank.empty and os.listdir(spill) == []  # no half bank, no step files
     monkeypatch.undo()
-    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    monkeypatch.setattr(lifecycle, "bank_spill_parent", lambda: str(spill))
     ksampler(writer, panels=2, steps=3)
     assert len(bank.files()) == 3 and bank.keys() == in_memory.keys()
     assert all(torch.equal(bank.stored_tokens(s, layer, [role], bank.layer_tokens[layer]),
@@ -315,11 +318,12 @@ def test_bank_write_keeps_the_bank_in_memory_or_on_disk_by_its_projected_size(cs
     import psutil
 
     from comfyui_storydiffusion.attention.bank import IdentityBank
+    from comfyui_storydiffusion.attention.comfy import lifecycle
 
-    assert 0 < csa._bank_memory_limit() <= psutil.virtual_memory().total * csa.BANK_MEMORY_SHARE
-    assert csa._bank_disk_limit(str(tmp_path / "not" / "yet")) > 0
+    assert 0 < lifecycle.bank_memory_limit() <= psutil.virtual_memory().total * lifecycle.BANK_MEMORY_SHARE
+    assert lifecycle.bank_disk_limit(str(tmp_path / "not" / "yet")) > 0
     spill = tmp_path / "spill"
-    monkeypatch.setattr(csa, "_bank_spill_parent", lambda: str(spill))
+    monkeypatch.setattr(lifecycle, "bank_spill_parent", lambda: str(spill))
     story = make_story([("Ann",), ("Ann",), ("Ann",)], identity={"Ann": (0, 1)})
     patched = patch(csa, sd15, end_percent=0.7, story=story)
 
@@ -334,7 +338,7 @@ def test_bank_write_keeps_the_bank_in_memory_or_on_disk_by_its_projected_size(cs
     size = memory.nbytes()
     assert 1 < len({step for step, _, _ in memory.keys()}) < 4  # end_percent leaves steps out; the projection knows
 
-    monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size - 1)
+    monkeypatch.setattr(lifecycle, "bank_memory_limit", lambda: size - 1)
     refused = IdentityBank(keep="memory")
     with pytest.raises(ValueError, match=r"would store about .* GiB \(2 identity panels, 4 steps.*nothing was written"
                                          r".*keep to 'disk' or 'auto'"):
@@ -343,7 +347,7 @@ def test_bank_write_keeps_the_bank_in_memory_or_on_disk_by_its_projected_size(cs
     auto = write(IdentityBank())  # default keep "auto": the same run goes to disk
     assert not auto.entries and len(auto.files()) == len({step for step, _, _ in memory.keys()})
     assert all(path.startswith(str(spill)) for path in auto.files()) and _same_tokens(memory, auto)
-    monkeypatch.setattr(csa, "_bank_memory_limit", lambda: size)
+    monkeypatch.setattr(lifecycle, "bank_memory_limit", lambda: size)
     assert write(IdentityBank(keep="memory")).nbytes() == size and write(IdentityBank()).files() == []
 
     disk = write(IdentityBank(keep="disk"))
@@ -355,7 +359,7 @@ def test_bank_write_keeps_the_bank_in_memory_or_on_disk_by_its_projected_size(cs
     write(disk)  # rewriting a bank on disk replaces its step files
     assert not any(os.path.exists(path) for path in old_files) and _same_tokens(memory, disk)
 
-    monkeypatch.setattr(csa, "_bank_disk_limit", lambda folder: size - 1)
+    monkeypatch.setattr(lifecycle, "bank_disk_limit", lambda folder: size - 1)
     full_disk = IdentityBank(keep="disk")
     with pytest.raises(ValueError, match=r"would store about .* more than the .* GiB of free disk space"):
         write(full_disk)

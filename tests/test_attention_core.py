@@ -389,7 +389,7 @@ def test_banks_and_predictors_share_the_folder_but_not_the_lists(att, comfy_node
     """models/storydiffusion holds identity banks and motion predictors: each loader lists its own kind
     (and any unreadable file, whose load then says what is wrong), never the other kind."""
     _, _, bank_mod = att
-    from comfyui_storydiffusion.attention.comfy_adapter import list_bank_files
+    from comfyui_storydiffusion.attention.comfy import list_bank_files
     from comfyui_storydiffusion.motion.comfy_adapter import predictor_filenames
     from comfyui_storydiffusion.motion.predictor import PredictorConfig, SemanticMotionPredictor, save_predictor
 

@@ -109,6 +109,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
     sampled image keys/values its identity panels had in the write call, at the same sampled indices."""
     from comfyui_storydiffusion.attention import core, dit
     from comfyui_storydiffusion.attention.bank import IdentityBank
+    from comfyui_storydiffusion.attention.schedule import layer_ordinal
 
     flux = family_model(models, "flux")
     patched = patch(csa, flux, rate=0.5, seed=4)
@@ -134,7 +135,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
     out = call(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2), story, lambda run: None)
 
     share = torch.tensor(ONE_WAY[:3])[:, :3]
-    sampled = core.sample_panel_tokens(image, 0.5, 4, 0, csa.layer_ordinal(("double", 1, 0)), (0, 1, 2))
+    sampled = core.sample_panel_tokens(image, 0.5, 4, 0, layer_ordinal(("double", 1, 0)), (0, 1, 2))
     expected = dit.joint_consistent_attention(q, k, v, chunks=2, text_tokens=text, image_tokens=image, share=share,
                                               sampled=sampled)
     torch.testing.assert_close(out, expected[story], atol=1e-6, rtol=1e-6)

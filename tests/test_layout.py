@@ -1,5 +1,6 @@
-"""The pack's shape, read from its source: one ComfyUI adapter per package, no ComfyUI import
-anywhere else, no import cycle, one table of socket types, one import style in the node modules."""
+"""The pack's shape, read from its source: one place for ComfyUI glue per package (its comfy_adapter.py or its
+comfy/ sub-package), no ComfyUI import anywhere else, no import cycle, no overlong module, one table of socket
+types, one import style in the node modules."""
 from __future__ import annotations
 
 import ast
@@ -9,7 +10,9 @@ import comfy_env
 
 REPO = comfy_env.REPO
 ADAPTER = "comfy_adapter.py"
-# feature packages (plain torch + one adapter) and the shared glue package
+GLUE_PACKAGE = "comfy"  # a package whose glue holds several features keeps it in a comfy/ sub-package instead
+MAX_MODULE_LINES = 460  # a module past ~450 lines holds several features: split it
+# feature packages (plain torch + their ComfyUI glue) and the shared glue package
 PACKAGES = ("attention", "identity", "story", "motion", "ipadapter", "video", "wan", "common")
 # top-level names that only exist inside a running ComfyUI
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "node_helpers",
@@ -19,15 +22,23 @@ COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folde
 def pack_modules() -> dict[str, str]:
     """Dotted module name (relative to the pack) -> file path, for the pack's own code."""
     modules = {}
-    for folder in ("",) + PACKAGES + ("nodes",):
+    folders = [""] + list(PACKAGES) + ["nodes"]
+    folders += [f"{p}/{GLUE_PACKAGE}" for p in PACKAGES if os.path.isdir(os.path.join(REPO, p, GLUE_PACKAGE))]
+    for folder in folders:
         base = os.path.join(REPO, folder)
         for name in sorted(os.listdir(base)):
             if not name.endswith(".py"):
                 continue
             stem = name[:-3]
-            dotted = ".".join(p for p in (folder, "" if stem == "__init__" else stem) if p)
+            dotted = ".".join(p for p in (*folder.split("/"), "" if stem == "__init__" else stem) if p)
             modules[dotted] = os.path.join(base, name)
     return modules
+
+
+def is_glue(dotted: str) -> bool:
+    """A module that may speak ComfyUI: a package's comfy_adapter or a module of its comfy/ sub-package."""
+    parts = dotted.split(".")
+    return parts[-1] == ADAPTER[:-3] or (len(parts) >= 2 and parts[1] == GLUE_PACKAGE)
 
 
 def imports_of(dotted: str, path: str):
@@ -55,23 +66,34 @@ def imports_of(dotted: str, path: str):
                     yield f"{target}.{alias.name}", True, node.lineno, id(node) in top_level
 
 
-def test_every_package_has_exactly_one_adapter_with_the_shared_name():
+def test_every_package_has_exactly_one_place_for_its_comfyui_glue():
+    sub_packages = []
     for package in PACKAGES:
         files = os.listdir(os.path.join(REPO, package))
-        adapters = [f for f in files if f.startswith("comfy") and f.endswith(".py")]
-        assert adapters == [ADAPTER], f"{package}/ has ComfyUI modules {adapters}, expected exactly [{ADAPTER}]"
+        glue = [f for f in files if f.startswith("comfy")]
+        assert glue in ([ADAPTER], [GLUE_PACKAGE]), \
+            f"{package}/ has ComfyUI glue {glue}, expected exactly [{ADAPTER}] or a {GLUE_PACKAGE}/ sub-package"
         assert "__init__.py" in files
+        if glue == [GLUE_PACKAGE]:
+            assert "__init__.py" in os.listdir(os.path.join(REPO, package, GLUE_PACKAGE))
+            sub_packages.append(package)
+    assert "attention" in sub_packages  # the rule really sees the sub-package form
+
+
+def test_no_module_is_overlong():
+    long = {d: n for d, p in pack_modules().items() if (n := sum(1 for _ in open(p, encoding="utf-8"))) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by feature): {long}"
 
 
 def test_only_the_adapters_import_comfyui():
     offenders = []
     for dotted, path in pack_modules().items():
-        if path.endswith(ADAPTER):
+        if is_glue(dotted):
             continue
         for target, internal, line, _ in imports_of(dotted, path):
             if not internal and target.split(".")[0] in COMFY_MODULES:
                 offenders.append(f"{os.path.relpath(path, REPO)}:{line} imports {target}")
-    assert not offenders, "ComfyUI imported outside the comfy_adapter modules:\n" + "\n".join(offenders)
+    assert not offenders, "ComfyUI imported outside the comfy_adapter modules and comfy/ sub-packages:\n" + "\n".join(offenders)
 
 
 def test_the_pack_has_no_import_cycle():
@@ -84,8 +106,8 @@ def test_the_pack_has_no_import_cycle():
     # the search itself must be able to see a cycle
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
-    assert graph["nodes.consistent_attention"] >= {"attention.comfy_adapter"}  # the graph is really built
-    assert "common.comfy_adapter" in graph["attention.comfy_adapter"]
+    assert graph["nodes.consistent_attention"] >= {"attention.comfy"}  # the graph is really built
+    assert "common.comfy_adapter" in graph["attention.comfy.lifecycle"] | graph["attention.comfy.unet"]
 
 
 def _cycle(graph: dict) -> list | None:
@@ -121,7 +143,7 @@ def test_core_modules_import_without_comfyui():
     import sys
 
     cores = [d for d, p in pack_modules().items()
-             if "." in d and d.split(".")[0] in PACKAGES and not p.endswith((ADAPTER, "__init__.py"))
+             if "." in d and d.split(".")[0] in PACKAGES and not is_glue(d) and not p.endswith("__init__.py")
              and d != "motion.train"]  # the training command line finds ComfyUI itself
     code = ("import sys, types, importlib; pkg = types.ModuleType('pack'); pkg.__path__ = [sys.argv[1]]; "
             "sys.modules['pack'] = pkg; [importlib.import_module('pack.' + m) for m in sys.argv[2:]]; "

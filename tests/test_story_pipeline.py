@@ -22,14 +22,14 @@ def csa_defaults(comfy_nodes) -> dict:
 
 
 def test_story_map_drives_the_attention_groups(comfy_nodes, pack):
-    from comfyui_storydiffusion.attention import comfy_adapter
+    from comfyui_storydiffusion.attention import comfy as csa
 
     clip = tiny_models.make_clip("sd15", seed=3)
     _, _, _, story, count = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionStory"]().build(
         clip, CHARACTERS, PANELS, "(No style)", "", 1)
-    csa = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionConsistentSelfAttention"]()
-    (patched,) = csa.patch(tiny_models.make_model("sd15"), story=story, **csa_defaults(comfy_nodes))
-    config = comfy_adapter.config_of(patched)
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionConsistentSelfAttention"]()
+    (patched,) = node.patch(tiny_models.make_model("sd15"), story=story, **csa_defaults(comfy_nodes))
+    config = csa.config_of(patched)
     share = config.share_for(config.rows_for(count))
     assert share.tolist() == story.share_mask()
     assert share.tolist() == [[False, False, True, False], [False, False, True, False],

@@ -1,0 +1,28 @@
+"""attention/'s ComfyUI glue, one module per feature; the nodes import this public surface only.
+
+    lifecycle.py      per-run state: OUTER_SAMPLE / PREDICT_NOISE wrappers, step counting, bank limits
+    unet.py           UNets: the attn1 replace and the identity-bank write tap
+    dit_families.py   DiT families: blocks, default blocks, token layout of a model call
+    dit_override.py   DiTs: the attention override
+    patch.py          patch_model / with_bank: the clones the nodes return
+    bank_files.py     identity bank files in models/storydiffusion
+
+The plain run planning they share (CSAConfig, RunState, token arithmetic) is attention/run.py.
+"""
+from ..run import (CALLS_KEY, CONFIG_KEY, MODE_BATCH, MODE_READ, MODE_WRITE, RUN_KEY, TOKENS_KEY, AttentionCalls, CSAConfig,
+                   PatchError, RunState)
+from .bank_files import BANK_FOLDER, list_bank_files, load_bank_file, save_bank_file
+from .dit_families import (CHROMA, FLUX1, FLUX2, HIDREAM, LUMINA2, QWEN_IMAGE, SD3, SUPPORTED_FAMILIES, Z_IMAGE,
+                           DiTFamily, dit_family, unsupported_model_error)
+from .dit_override import OVERRIDE_SLOT, DiTAttentionOverride
+from .lifecycle import start_run
+from .patch import config_of, patch_model, with_bank
+from .unet import LayerReplace, unet_layers
+
+__all__ = [
+    "CALLS_KEY", "CONFIG_KEY", "RUN_KEY", "TOKENS_KEY", "AttentionCalls", "MODE_BATCH", "MODE_READ", "MODE_WRITE", "CSAConfig", "RunState", "PatchError",
+    "BANK_FOLDER", "list_bank_files", "load_bank_file", "save_bank_file",
+    "CHROMA", "FLUX1", "FLUX2", "HIDREAM", "LUMINA2", "QWEN_IMAGE", "SD3", "SUPPORTED_FAMILIES", "Z_IMAGE",
+    "DiTFamily", "dit_family", "unsupported_model_error", "OVERRIDE_SLOT", "DiTAttentionOverride",
+    "start_run", "config_of", "patch_model", "with_bank", "LayerReplace", "unet_layers",
+]

@@ -1,0 +1,38 @@
+"""Identity bank files in models/storydiffusion: listed, loaded and saved where Load Identity Bank finds them."""
+from __future__ import annotations
+
+import os
+
+from ...common import comfy_adapter as glue
+from ..bank import BankError, IdentityBank, looks_like_bank_file
+
+BANK_FOLDER = "storydiffusion"  # shared with motion predictors: each loader lists only its own files
+BANK_EXTENSIONS = (".safetensors",)
+
+
+def list_bank_files() -> list[str]:
+    return glue.model_files(BANK_FOLDER, BANK_EXTENSIONS, looks_like_bank_file)
+
+
+def load_bank_file(name: str, storage: str) -> IdentityBank:
+    path = glue.model_file_path(BANK_FOLDER, name, BANK_EXTENSIONS)
+    if path is None:
+        raise BankError(f"identity bank {name!r} is not in the models/{BANK_FOLDER} folder(s): "
+                        f"{glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)}")
+    return IdentityBank.load(path, storage=storage)
+
+
+def save_bank_file(bank: IdentityBank, filename_prefix: str) -> str:
+    """Save into models/storydiffusion as <prefix>_00001_.safetensors (the counter never overwrites), where
+    Load Identity Bank lists it; returns the name the loader shows."""
+    import folder_paths
+
+    folder = glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)[0]
+    prefix = (filename_prefix or "").strip() or "bank"
+    try:
+        target, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
+    except Exception:
+        raise BankError(f"filename_prefix {prefix!r} must stay inside models/{BANK_FOLDER} (no '..' or absolute paths)") from None
+    file = f"{name}_{counter:05}_.safetensors"
+    bank.save(os.path.join(target, file))
+    return f"{subfolder}/{file}" if subfolder else file
