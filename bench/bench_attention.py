@@ -26,10 +26,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-import comfy_env  # noqa: E402
+import comfy_env
 
 comfy_env.import_comfy()
-import tiny_models  # noqa: E402
+import tiny_models
 
 
 def rss_bytes() -> int:

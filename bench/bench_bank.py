@@ -40,7 +40,7 @@ def import_pack():
         pack = types.ModuleType("sdpack")
         pack.__path__ = [REPO]
         sys.modules["sdpack"] = pack
-    from sdpack.attention import bank, schedule  # noqa: E402
+    from sdpack.attention import bank, schedule
 
     return bank, schedule
 

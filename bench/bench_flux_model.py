@@ -27,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-import comfy_env  # noqa: E402
+import comfy_env
 
 comfy_env.import_comfy()
 

@@ -67,12 +67,12 @@ def main():
 
     encode = nodes.CLIPTextEncode()
     fuse = PhotoMakerFuse()
-    plain = lambda: encode.encode(clip, PROMPT.replace(" img", ""))  # noqa: E731
+    plain = lambda: encode.encode(clip, PROMPT.replace(" img", ""))
     plain()  # warm-up (model load, tokenizer caches)
     rows = []
     for count in (1, 4):
         images = F.reference_images(count, seed=count, h=512, w=512)
-        run = lambda: fuse.fuse(clip, photomaker, PROMPT, "img", 0.0, images=images)  # noqa: E731
+        run = lambda: fuse.fuse(clip, photomaker, PROMPT, "img", 0.0, images=images)
         run()
         base, ours = float("inf"), float("inf")
         for _ in range(repeats):  # interleaved

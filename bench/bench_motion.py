@@ -41,7 +41,6 @@ def main():
 
     sys.path.insert(0, REPO)  # the pack's core is plain torch: import it as `motion` like the training CLI
     import torch
-
     from motion.interpolate import interpolate
     from motion.predictor import PredictorConfig, SemanticMotionPredictor
     from motion.training import clip_loss

@@ -5,7 +5,7 @@ inside ComfyUI the adapters pass ComfyUI's own kernel instead (common/comfy_adap
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

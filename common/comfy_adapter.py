@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from .attention import AttentionFn
 from .roles import CFG_ROLES, chunk_roles, role_names
@@ -19,7 +19,7 @@ from .sigmas import SigmaWindow, check_percents
 
 def comfy_attention(extra_options: dict) -> AttentionFn:
     """attention(q, k, v, heads) on [rows, tokens, heads*dim] through comfy's optimized_attention."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
 
     precision = extra_options.get("attn_precision")
 
@@ -37,7 +37,7 @@ def sigma_window(model, start_percent: float, end_percent: float) -> SigmaWindow
                        end_sigma=float(sampling.percent_to_sigma(end_percent)))
 
 
-def call_sigma(extra_options: dict) -> Optional[float]:
+def call_sigma(extra_options: dict) -> float | None:
     """The sigma of the current model call (None outside sampling)."""
     sigmas = extra_options.get("sigmas")
     return None if sigmas is None else float(sigmas.reshape(-1)[0])
@@ -70,7 +70,7 @@ def model_files(name: str, extensions: Iterable[str], accept: Callable[[str], bo
             if f.lower().endswith(extensions) and accept(folder_paths.get_full_path(name, f))]
 
 
-def model_file_path(name: str, file: str, extensions: Iterable[str]) -> Optional[str]:
+def model_file_path(name: str, file: str, extensions: Iterable[str]) -> str | None:
     """Full path of `file` in models/<name>, or None."""
     import folder_paths
 

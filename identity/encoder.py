@@ -97,7 +97,7 @@ class PhotoMakerIDEncoder(nn.Module):
         return self.config["image_size"]
 
     @classmethod
-    def from_state_dict(cls, sd: dict, dtype: torch.dtype = torch.float32) -> "PhotoMakerIDEncoder":
+    def from_state_dict(cls, sd: dict, dtype: torch.dtype = torch.float32) -> PhotoMakerIDEncoder:
         """Build with the sizes found in `sd` and load it strictly (missing/unexpected keys are listed)."""
         sd = {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
         encoder = cls(config_from_state_dict(sd))

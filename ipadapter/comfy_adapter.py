@@ -119,7 +119,7 @@ class FrameTokens:
         self.cond, self.uncond = cond, uncond
         self._copies = {}
 
-    def to(self, target) -> "FrameTokens":
+    def to(self, target) -> FrameTokens:
         key = str(target)
         if key not in self._copies:
             if self.cond.dtype == target or self.cond.device == target:

@@ -14,8 +14,13 @@ import torch
 from ..common import comfy_adapter as glue
 from .embeds import FIELD_OF_KIND, adjacent_pairs, embeds_layout, tokens_of
 from .interpolate import interpolate
-from .predictor import (SemanticMotionPredictor, check_compatible, load_predictor, looks_like_predictor_file,
-                        predict_transition)
+from .predictor import (
+    SemanticMotionPredictor,
+    check_compatible,
+    load_predictor,
+    looks_like_predictor_file,
+    predict_transition,
+)
 
 PREDICTOR_FOLDER = "storydiffusion"  # shared with identity banks: each loader lists only its own files
 EXTENSIONS = (".safetensors",)
@@ -146,7 +151,7 @@ def import_comfy(comfyui_path: str | None = None, cpu: bool = False) -> None:
                            "ComfyUI/custom_nodes/<this pack>, set COMFYUI_PATH, or pass --comfyui PATH.") from None
     if cpu or not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
-    import comfy.clip_vision  # noqa: F401
+    import comfy.clip_vision  # imported once the device is set (it imports comfy.model_management)
 
 
 def load_clip_vision_file(path: str):

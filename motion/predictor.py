@@ -73,7 +73,7 @@ class PredictorConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PredictorConfig":
+    def from_json(cls, text: str) -> PredictorConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("the predictor config is not a JSON object")

@@ -24,9 +24,8 @@ if __package__ in (None, "", "motion"):
     sys.modules.setdefault("storydiffusion_pack", _pack)
     __package__ = "storydiffusion_pack.motion"
 
-from . import comfy_adapter  # noqa: E402
-from .training import TrainOptions, TrainResult, train  # noqa: E402
-
+from . import comfy_adapter
+from .training import TrainOptions, TrainResult, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

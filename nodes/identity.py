@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..common.sockets import CATEGORY, CHARACTERS_TYPE, PHOTOMAKER_TYPE, STORY_TYPE
 from ..identity import comfy_adapter
+
 SUBCATEGORY = f"{CATEGORY}/identity"
 
 TRIGGER_TOOLTIP = ("The word written right after the class word in the prompt ('a man img'). It is removed from the "

@@ -25,10 +25,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import workflow_specs as specs  # noqa: E402,F401  (tests read its constants)
-import workflow_builder as builder  # noqa: E402,F401  (tests read its errors)
-from workflow_builder import WorkflowBuilder, render  # noqa: E402
-from workflow_specs import WORKFLOWS  # noqa: E402
+import workflow_builder as builder  # tests also read its errors through this module
+import workflow_specs as specs  # tests also read its constants through this module
+from workflow_builder import WorkflowBuilder, render
+from workflow_specs import WORKFLOWS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(REPO, "workflows")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these even without the flag
@@ -119,7 +119,7 @@ class WorkflowBuilder:
         self.column_y: dict[int, float] = {}
         self.models: dict[str, dict[str, str]] = {}  # models folder -> {file name: kind}
 
-    def _place(self, node: "_Node", column: int) -> None:
+    def _place(self, node: _Node, column: int) -> None:
         """Stack `node` under the last node of `column`; x is set in build(), once every column's width is known."""
         y = self.column_y.get(column, float(TOP))
         self.column_y[column] = y + node.size[1] + ROW_GAP + TITLE_HEIGHT

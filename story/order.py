@@ -6,7 +6,7 @@ conditioning rows; `in_story_order` places every image at its story index.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -25,13 +25,15 @@ def import_comfy():
     if path not in sys.path:
         sys.path.insert(0, path)
     # ComfyUI's nodes.py puts ComfyUI/comfy first on sys.path, where comfy/utils.py would then shadow
-    # the top-level `utils` package; main.py imports that package first, so do the same.
+    # the top-level `utils` package; main.py imports that package first, so do the same (and so must isort).
     import utils.install_util  # noqa: F401  (imported for its side effect on sys.modules)
+
+    # isort: split
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_all_custom_nodes = True  # in-process tests register the pack themselves
-    import comfy.model_management  # noqa: F401  (decides the device from args)
+    import comfy.model_management  # imported now: it decides the device from args
     return path
 
 

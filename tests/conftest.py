@@ -14,8 +14,8 @@ import comfy_env
 
 comfy_env.import_comfy()
 
-import harness  # noqa: E402
-import tiny_models  # noqa: E402
+import harness
+import tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,9 @@ def ipadapter_state_dict(widths, context_dim, kind="plain", clip_dim=32, num_tok
     Norm weights are 1 and biases small, like trained files; device="meta" builds shapes only.
     """
     gen = torch.Generator().manual_seed(seed)
-    t = lambda *shape, std=None: _tensor(shape, gen, device, dtype, std)  # noqa: E731
-    ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731
-    zeros = lambda n: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+    t = lambda *shape, std=None: _tensor(shape, gen, device, dtype, std)
+    ones = lambda n: torch.ones(n, dtype=dtype, device=device)
+    zeros = lambda n: torch.zeros(n, dtype=dtype, device=device)
     proj = {}
     if kind == "plain":
         proj = {"proj.weight": t(num_tokens * context_dim, clip_dim), "proj.bias": t(num_tokens * context_dim, std=0.02),

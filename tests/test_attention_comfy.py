@@ -243,7 +243,7 @@ def test_composes_with_an_attn2_patch_and_an_existing_attn1_replace(csa, sd15):
     both = ksampler(patch(csa, with_attn2))
     assert calls and not torch.equal(both, only_attn2) and not torch.equal(both, only_csa)
 
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
 
     seen = []
 

@@ -9,9 +9,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def att(pack):
-    import comfyui_storydiffusion.attention.bank as bank
-    import comfyui_storydiffusion.attention.core as core
-    import comfyui_storydiffusion.attention.schedule as schedule
+    from comfyui_storydiffusion.attention import bank, core, schedule
 
     return core, schedule, bank
 

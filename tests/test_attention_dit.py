@@ -117,7 +117,7 @@ def reference_override(layers, text, image, share_of=None):
 
 def call_override(csa, model, q, k, v, kinds, block=("single", 0), text=TEXT, image=16, sigma=0.5, batch=None,
                   mask=None):
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
 
     options = dict(model.model_options["transformer_options"])
     config = options[csa.CONFIG_KEY]

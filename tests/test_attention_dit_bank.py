@@ -118,7 +118,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
     ids, story = [0, 1, 3, 4], [2, 5]
 
     def call(model, rows, make_run):
-        import comfy.ldm.modules.attention as attention
+        from comfy.ldm.modules import attention
 
         options = dict(model.model_options["transformer_options"])
         config = options[csa.CONFIG_KEY]

@@ -202,7 +202,7 @@ def test_an_extra_attention_call_is_refused(csa, models):
         options = kwargs["transformer_options"]
         kwargs_again = dict(kwargs)
         del kwargs_again["_inside_attn_wrapper"]
-        import comfy.ldm.modules.attention as attention
+        from comfy.ldm.modules import attention
         attention.optimized_attention_masked(q, k, v, heads, *args, **kwargs_again)  # re-enters the override chain
         return func(q, k, v, heads, *args, **kwargs)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def comic(pack):
-    import comfyui_storydiffusion.story.comic as comic
+    from comfyui_storydiffusion.story import comic
 
     return comic
 
@@ -154,7 +154,9 @@ def glyph_pixels(fonts, text, size=32):
 @pytest.mark.parametrize("text", ["日本語", "한국어", "中文字", "Ωμέγα", "Жук", "Éclair"])
 def test_unicode_renders_real_glyphs_not_tofu(comic, fonts, text):
     """Each character must draw something that differs from the font's .notdef box."""
-    tofu = glyph_pixels(fonts, comic._MISSING_PROBE)
+    from comfyui_storydiffusion.story.comic_typeset import _MISSING_PROBE
+
+    tofu = glyph_pixels(fonts, _MISSING_PROBE)
     for char in text:
         pixels = glyph_pixels(fonts, char)
         assert pixels.any(), char

@@ -13,10 +13,9 @@ import tiny_models
 
 @pytest.fixture(scope="module")
 def ipa(pack):
-    import comfyui_storydiffusion.common.attention as attention
     import comfyui_storydiffusion.ipadapter.comfy_adapter as adapter
-    import comfyui_storydiffusion.ipadapter.frames as frames
-    import comfyui_storydiffusion.ipadapter.weights as weights
+    from comfyui_storydiffusion.common import attention
+    from comfyui_storydiffusion.ipadapter import frames, weights
 
     public = {k: v for module in (weights, frames, attention) for k, v in vars(module).items() if not k.startswith("_")}
     core = types.SimpleNamespace(**public)
@@ -140,7 +139,7 @@ def test_wrong_embedding_width_is_explained(ipa):
 def test_route_frames_follows_cond_or_uncond(ipa):
     cond = torch.arange(3.0).reshape(3, 1, 1)
     uncond = -1 - torch.arange(3.0).reshape(3, 1, 1)
-    rows = lambda t: t.flatten().tolist()  # noqa: E731
+    rows = lambda t: t.flatten().tolist()
     assert rows(ipa.core.route_frames(cond, uncond, [1, 0], 6)) == [-1, -2, -3, 0, 1, 2]
     assert rows(ipa.core.route_frames(cond, uncond, [0], 3)) == [0, 1, 2]
     assert rows(ipa.core.route_frames(cond, uncond, [1, 0, 0], 9)) == [-1, -2, -3, 0, 1, 2, 0, 1, 2]
@@ -156,7 +155,7 @@ def test_decoupled_attention_math(ipa):
     torch.manual_seed(0)
     q, k, v, ki, vi = (torch.randn(2, n, 16) for n in (5, 7, 7, 3, 3))
     out = ipa.core.decoupled_cross_attention(q, k, v, ki, vi, heads=2, weight=0.5)
-    ref = lambda k_, v_: torch.softmax((q.view(2, 5, 2, 8).transpose(1, 2) @ k_.view(2, -1, 2, 8).transpose(1, 2).transpose(-1, -2)) / 8 ** 0.5, -1) @ v_.view(2, -1, 2, 8).transpose(1, 2)  # noqa: E731
+    ref = lambda k_, v_: torch.softmax((q.view(2, 5, 2, 8).transpose(1, 2) @ k_.view(2, -1, 2, 8).transpose(1, 2).transpose(-1, -2)) / 8 ** 0.5, -1) @ v_.view(2, -1, 2, 8).transpose(1, 2)
     expected = (ref(k, v) + 0.5 * ref(ki, vi)).transpose(1, 2).reshape(2, 5, 16)
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.equal(ipa.core.decoupled_cross_attention(q, k, v, ki, vi, 2, 0.0), ipa.core.multihead_attention(q, k, v, 2))

@@ -9,8 +9,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def mp(pack):
-    import comfyui_storydiffusion.motion.interpolate as interpolate
-    import comfyui_storydiffusion.motion.predictor as predictor
+    from comfyui_storydiffusion.motion import interpolate, predictor
 
     return predictor, interpolate
 

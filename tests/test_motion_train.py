@@ -31,7 +31,7 @@ def train(pack):
     import types
 
     import comfyui_storydiffusion.motion.train as cli
-    import comfyui_storydiffusion.motion.training as training
+    from comfyui_storydiffusion.motion import training
 
     return types.SimpleNamespace(TrainOptions=training.TrainOptions, train=training.train, main=cli.main)
 
@@ -123,7 +123,7 @@ def test_training_input_errors(pack, train, clip_vision, tmp_path):
 def test_command_line_trains_and_writes_a_loadable_file(pack, train, clip_vision, orbit_videos, tmp_path, monkeypatch):
     """`main()` end to end, except that the CLIP vision file is the in-process tiny model
     (ComfyUI's loader only knows full-size ViT-L/H/G files)."""
-    import comfyui_storydiffusion.motion.comfy_adapter as comfy_adapter
+    from comfyui_storydiffusion.motion import comfy_adapter
     from comfyui_storydiffusion.motion.predictor import load_predictor
 
     fake_file = tmp_path / "tiny_clip_vision.safetensors"

@@ -14,7 +14,7 @@ import tiny_models
 
 
 class RecordingBar:
-    bars: list["RecordingBar"] = []
+    bars: list[RecordingBar] = []
 
     def __init__(self, total, node_id=None):
         self.total, self.updates = total, []

@@ -81,8 +81,8 @@ def test_long_prompts_are_tiled_not_padded(comfy_nodes, story_node, clips):
 def test_tiling_leaves_cross_attention_unchanged(pack):
     """Why tiling is the right padding: duplicated keys/values give the same attention output exactly
     (up to float rounding), while padding with other tokens (e.g. an empty prompt) changes it."""
-    from comfy.ldm.modules.attention import CrossAttention
     import comfy.ops
+    from comfy.ldm.modules.attention import CrossAttention
 
     attention = CrossAttention(query_dim=32, context_dim=64, heads=2, dim_head=16,
                                operations=comfy.ops.disable_weight_init)

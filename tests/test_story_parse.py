@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def parse(pack):
-    import comfyui_storydiffusion.story.parse as parse
+    from comfyui_storydiffusion.story import parse
 
     return parse
 

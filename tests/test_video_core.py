@@ -13,8 +13,7 @@ import torch
 def video(pack):
     import types
 
-    import comfyui_storydiffusion.video.encode as encode
-    import comfyui_storydiffusion.video.join as join
+    from comfyui_storydiffusion.video import encode, join
 
     names = {k: v for module in (join, encode) for k, v in vars(module).items() if not k.startswith("__")}
     return types.SimpleNamespace(**names, encode_module=encode)
@@ -254,10 +253,9 @@ def test_atomic_path_helper_replaces_or_leaves_nothing(pack, tmp_path):
 
     target = tmp_path / "bank.safetensors"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(str(target)) as temporary:
-            open(temporary, "wb").write(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(str(target)) as temporary:
+        open(temporary, "wb").write(b"half")
+        raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["bank.safetensors"]
     previous = os.umask(0o022)
     try:

@@ -78,7 +78,7 @@ def test_umt5_hook_leaves_real_size_files_alone(umt5_hook):
     """A state dict with umt5-xxl's real shapes (built on the meta device) gets no override; T5 (bias in block 0
     only) and CLIP files are not umt5."""
     import comfy.ops
-    import comfy.text_encoders.t5 as t5
+    from comfy.text_encoders import t5
 
     with torch.device("meta"):
         real = t5.T5(wan_fixtures.umt5_config(), torch.float16, "meta", comfy.ops.manual_cast).state_dict()

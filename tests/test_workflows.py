@@ -357,7 +357,7 @@ def _run_select_panels(select_inputs: dict, story_inputs: dict) -> tuple[list[in
     import torch
 
     import comfyui_storydiffusion.nodes.story as story_nodes
-    import comfyui_storydiffusion.story.parse as parse
+    from comfyui_storydiffusion.story import parse
 
     story = parse.parse_story(story_inputs["characters"], story_inputs["panels"], story_inputs["identity_panels"])
     rows = torch.arange(len(story), dtype=torch.float32).reshape(-1, 1, 1)
@@ -552,7 +552,7 @@ def test_builder_rejects_specs_that_do_not_match_the_nodes(object_info):
 def test_story_characters_runs_cover_every_panel_once_in_order(pack):
     """The page joins the identity run's images, then the story run's: that is story order only when the
     identity panels are exactly panels 0..batch-1 and the story run starts right after them."""
-    import comfyui_storydiffusion.story.parse as parse
+    from comfyui_storydiffusion.story import parse
 
     story = parse.parse_story(make_workflows.specs.STORY_CHARACTERS, make_workflows.specs.STORY_PANELS,
                               make_workflows.specs.STORY_IDENTITY_PANELS)

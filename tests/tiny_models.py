@@ -231,10 +231,10 @@ def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
 def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     """Write a .safetensors checkpoint (UNet + full-size CLIP + VAE) in the original LDM key layout,
     using ComfyUI's own save path, so CheckpointLoaderSimple detects it as `family`."""
+    import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
-    import comfy.model_management as mm
     import comfy.utils
 
     cls = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL

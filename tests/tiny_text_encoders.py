@@ -126,8 +126,8 @@ def _module(kind: str):
     """ComfyUI's own text model for `kind` at the tiny config: its state-dict names are the file's."""
     import comfy.clip_model
     import comfy.ops
-    import comfy.text_encoders.llama as llama
     import comfy.text_encoders.t5
+    from comfy.text_encoders import llama
 
     here = os.path.dirname(comfy.clip_model.__file__)
     config = dict(_CONFIGS[kind][1])
@@ -182,9 +182,10 @@ def _gemma_spiece() -> bytes:
 
     import sentencepiece
 
-    words = ("a girl with red hair green raincoat an old man white beard waits at bus stop on the in rain "
-             "night car fire explosion swims sea reads newspaper runs comic book panel anime style detail "
-             "number photo of cinematic lighting blurry low quality is this seat taken monday").split()
+    words = ["a", "girl", "with", "red", "hair", "green", "raincoat", "an", "old", "man", "white", "beard", "waits",
+             "at", "bus", "stop", "on", "the", "in", "rain", "night", "car", "fire", "explosion", "swims", "sea",
+             "reads", "newspaper", "runs", "comic", "book", "panel", "anime", "style", "detail", "number", "photo",
+             "of", "cinematic", "lighting", "blurry", "low", "quality", "is", "this", "seat", "taken", "monday"]
     sentences = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -303,8 +304,6 @@ def _detect_qwen3_4b():
 def load_files(paths: list[str], clip_type, model_options: dict | None = None):
     """`comfy.sd.load_clip` on files written here, with their config overrides (what the loader nodes
     do once `install_loader_hook()` is active)."""
-    import comfy.sd
-
     options = dict(model_options or {})
     kinds = [read_kind(p) for p in paths]
     for info in kinds:

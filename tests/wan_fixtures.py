@@ -109,10 +109,9 @@ def pile_spiece_model() -> bytes:
 
 def umt5_tiny_state_dict(seed: int = 0) -> dict:
     """The tiny umt5 text encoder in umt5-xxl's key layout, with the tokenizer in `spiece_model` (uint8 bytes)."""
-    import sentencepiece
-
     import comfy.ops
-    import comfy.text_encoders.t5 as t5
+    import sentencepiece
+    from comfy.text_encoders import t5
 
     spiece = pile_spiece_model()
     vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece).get_piece_size()
@@ -133,6 +132,7 @@ def write_clip_vision_h(path: str, seed: int = 0) -> str:
     workflow_fixtures.write_clip_vision_vit_l does for ViT-L)."""
     import comfy.clip_model
     import comfy.ops
+
     from workflow_fixtures import _random_like_trained
 
     with open(os.path.join(os.path.dirname(comfy.clip_model.__file__), "clip_vision_config_h.json")) as f:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 from fractions import Fraction
-from typing import Optional
 
 import torch
 
 from .join import VideoError
+
 
 def output_path(filename_prefix: str, extension: str, width: int, height: int) -> tuple[str, str, str]:
     """(full path, file name, subfolder) in ComfyUI's output folder: `<prefix>_00001_.<ext>`, counter increasing.
@@ -34,7 +34,7 @@ def output_path(filename_prefix: str, extension: str, width: int, height: int) -
     return os.path.join(folder, file), file, subfolder
 
 
-def saved_metadata(prompt: Optional[dict], extra_pnginfo: Optional[dict]) -> dict:
+def saved_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict:
     """Workflow and prompt as container tags (like core SaveVideo), unless ComfyUI runs --disable-metadata."""
     from comfy.cli_args import args
 

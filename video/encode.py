@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -168,8 +168,8 @@ def _open_temporary(path: str) -> str:
 
 
 def write_video(frames: Iterable[np.ndarray], path: str, format_name: str, fps: float, quality: int = 85,
-                loop: int = 0, metadata: Optional[dict] = None,
-                on_frame: Optional[Callable[[int], None]] = None) -> WrittenVideo:
+                loop: int = 0, metadata: dict | None = None,
+                on_frame: Callable[[int], None] | None = None) -> WrittenVideo:
     """Encode uint8 HxWx3 frames into `path`, streaming: each frame is handed to the encoder as it arrives.
 
     Written to a hidden temporary file in the same folder and renamed with os.replace when complete,

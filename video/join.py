@@ -9,7 +9,7 @@ or straight into an encoder, see encode.py).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 

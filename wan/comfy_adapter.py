@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from .frames import (VideoLayout, WanSemanticsError, fill_image_slots, image_attention, latent_frame_embeddings)
+from .frames import VideoLayout, WanSemanticsError, fill_image_slots, image_attention, latent_frame_embeddings
 
 WRAPPER_KEY = "storydiffusion_wan_per_frame_semantics"
 OPTIONS_KEY = "storydiffusion_wan_per_frame_semantics"

@@ -21,8 +21,8 @@ above 0 is off its training distribution.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -42,7 +42,7 @@ def video_frames(latent_frames: int) -> int:
 
 def frames_of_latent(t: int) -> range:
     """The video frames packed into latent frame t."""
-    return range(0, 1) if t == 0 else range(FRAMES_PER_LATENT * t - 3, FRAMES_PER_LATENT * t + 1)
+    return range(1) if t == 0 else range(FRAMES_PER_LATENT * t - 3, FRAMES_PER_LATENT * t + 1)
 
 
 def latent_frame_weights(latent_frames: int, embeddings: int) -> torch.Tensor:
