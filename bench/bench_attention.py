@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 
 import torch
 
@@ -184,8 +185,8 @@ def main():
             model = patched(window)
             config = model.model_options["transformer_options"][csa.CONFIG_KEY]
             run = csa.start_run(config, panels, sigmas)
-            t_plain = timed(lambda: model_call(unet, panels, latent, sigma, sigmas), repeats)
-            t_csa = timed(lambda: model_call(model, panels, latent, sigma, sigmas, run), repeats)
+            t_plain = timed(partial(model_call, unet, panels, latent, sigma, sigmas), repeats)
+            t_csa = timed(partial(model_call, model, panels, latent, sigma, sigmas, run), repeats)
             with PeakMemory(device) as m_plain:
                 model_call(unet, panels, latent, sigma, sigmas)
             with PeakMemory(device) as m_csa:

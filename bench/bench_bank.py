@@ -152,8 +152,8 @@ print((hwm() - before) / 1024, bank.nbytes() / 2**20)
 def bank_rows(args=None):
     """(Markdown lines, JSON dict) for bench_memory.py and this script."""
     bank_mod, schedule_mod = import_pack()
-    lines = ["| geometry | official MB/img/step | fp16 | fp8 | fp8 + official schedule | old K/V format | "
-             "4 images x 30 steps, fp16 / fp8 |",
+    lines = [("| geometry | official MB/img/step | fp16 | fp8 | fp8 + official schedule | old K/V format | "
+              "4 images x 30 steps, fp16 / fp8 |"),
              "|---|---|---|---|---|---|---|"]
     result = {}
     for geometry in GEOMETRIES:

@@ -146,12 +146,12 @@ def bank_figures(pack: str, geometry: dict) -> tuple[list[str], dict]:
     per_block = {name: n * 2 * channels * size for name, size in (("fp16", 2), ("fp8", 1))}
     per_default = {name: b * len(blocks) for name, b in per_block.items()}
     mb = 1e6
-    lines = [f"\nFlux.1 DiT identity bank ({geometry['name']}: {n} sampled image tokens x (k + v) x {channels} "
-             f"channels, 1 chunk): per identity image per step {per_block['fp16'] / mb:.1f} MB fp16 / "
-             f"{per_block['fp8'] / mb:.1f} MB fp8 per block; default blocks (double {doubles} + single "
-             f"{len(blocks) - doubles} = {len(blocks)}): {per_default['fp16'] / mb:.0f} MB fp16 / "
-             f"{per_default['fp8'] / mb:.0f} MB fp8; a {STEPS}-step bank: {per_default['fp16'] * STEPS / 2**30:.1f} "
-             f"GiB fp16 / {per_default['fp8'] * STEPS / 2**30:.1f} GiB fp8 per identity image."]
+    lines = [(f"\nFlux.1 DiT identity bank ({geometry['name']}: {n} sampled image tokens x (k + v) x {channels} "
+              f"channels, 1 chunk): per identity image per step {per_block['fp16'] / mb:.1f} MB fp16 / "
+              f"{per_block['fp8'] / mb:.1f} MB fp8 per block; default blocks (double {doubles} + single "
+              f"{len(blocks) - doubles} = {len(blocks)}): {per_default['fp16'] / mb:.0f} MB fp16 / "
+              f"{per_default['fp8'] / mb:.0f} MB fp8; a {STEPS}-step bank: {per_default['fp16'] * STEPS / 2**30:.1f} "
+              f"GiB fp16 / {per_default['fp8'] * STEPS / 2**30:.1f} GiB fp8 per identity image.")]
     figures = {
         "flux_bank_bytes_per_image_step": per_default["fp16"],
         "flux_bank_bytes_per_image_step_fp8": per_default["fp8"],
@@ -168,9 +168,9 @@ def dit_rows(args, run_measure, pack: str) -> tuple[list[str], dict]:
     measurement the bench_memory way (a fresh subprocess per method on CPU)."""
     geometry = FLUX_QUICK if args.quick else FLUX
     mib = 2 ** 20
-    lines = ["", f"DiT joint attention, {geometry['name']}: {geometry['text']} text + {geometry['image']} image tokens, "
-             f"{geometry['heads']} heads x {geometry['dim']}; rate {RATE}, whole batch, every panel shares; "
-             f"attention/dit.py + sdpa_joint",
+    lines = ["", (f"DiT joint attention, {geometry['name']}: {geometry['text']} text + {geometry['image']} image tokens, "
+              f"{geometry['heads']} heads x {geometry['dim']}; rate {RATE}, whole batch, every panel shares; "
+              f"attention/dit.py + sdpa_joint"),
              "",
              "| geometry | dtype | chunks | panels | keys/panel | extra MiB ours | extra MiB loop | mem ratio | CSA s | loop s | plain s | time ratio |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

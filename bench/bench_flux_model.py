@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -172,8 +173,9 @@ def main():
 
     rows, summary = [], {}
     for panels in [int(p) for p in args.panels.split(",")]:
-        t_plain = timed(lambda: model_call(flux, panels, latent, sigma, sigmas), device, args.repeats)
-        m_plain = peak_extra(lambda: model_call(flux, panels, latent, sigma, sigmas), device)
+        plain_call = partial(model_call, flux, panels, latent, sigma, sigmas)
+        t_plain = timed(plain_call, device, args.repeats)
+        m_plain = peak_extra(plain_call, device)
         counter = FlopCounterMode(display=False)
         with counter:
             model_call(flux, panels, latent, sigma, sigmas)
@@ -188,12 +190,13 @@ def main():
                           - model_call(flux, panels, latent, sigma, sigmas).float()).abs().max()
             if not float(difference) > 0:  # the override must have run, or the figures measure nothing
                 raise RuntimeError("Consistent Self-Attention did not change the model call")
-            t_csa = timed(lambda: model_call(model, panels, latent, sigma, sigmas, run), device, args.repeats)
-            m_csa = peak_extra(lambda: model_call(model, panels, latent, sigma, sigmas, run), device)
+            csa_call = partial(model_call, model, panels, latent, sigma, sigmas, run)
+            t_csa = timed(csa_call, device, args.repeats)
+            m_csa = peak_extra(csa_call, device)
             extra = extra_attention_flops(config, panels, image, window)
             estimate = t_plain * (base + extra) / base
             rows.append((mode, panels, t_plain, t_csa, t_csa / t_plain, t_csa / estimate, m_plain, m_csa,
-                         m_csa / m_plain if m_plain == m_plain and m_plain > 0 else float("nan"), len(config.layers)))
+                         m_csa / m_plain if not math.isnan(m_plain) and m_plain > 0 else float("nan"), len(config.layers)))
             print(f"  measured {mode}, {panels} panels", file=sys.stderr, flush=True)
 
     print()

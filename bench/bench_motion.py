@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +46,16 @@ def main():
     from motion.predictor import PredictorConfig, SemanticMotionPredictor
     from motion.training import clip_loss
 
+    def predict(model, a, b, frames):
+        return model(interpolate(a, b, frames))
+
+    def train_step(model, optimizer, clips):
+        path = interpolate(clips[:, 0], clips[:, -1], clips.shape[1])
+        loss = clip_loss(model(path), clips, 1.0, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,10 +70,10 @@ def main():
                                      ("paper size, ViT-H penultimate", 257, 1280, "penultimate")):
         model = SemanticMotionPredictor(PredictorConfig(embed_dim=dim, tokens=tokens, kind=kind, **paper)).eval()
         a, b = torch.randn(tokens, dim), torch.randn(tokens, dim)
-        interp_s = best_time(lambda: interpolate(a, b, L), args.repeats)
+        interp_s = best_time(partial(interpolate, a, b, L), args.repeats)
         with torch.no_grad():
             model(interpolate(a, b, L))  # warm-up
-            pred_s = best_time(lambda: model(interpolate(a, b, L)), args.repeats)
+            pred_s = best_time(partial(predict, model, a, b, L), args.repeats)
         print(f"| {label} | {tokens} x {dim} | {interp_s * 1e3:.3f} | {pred_s * 1e3:.1f} | {pred_s / interp_s:.0f}x |")
 
     print("\n| training | tokens x dim | clips/step | s/step | clips/s |")
@@ -76,13 +87,7 @@ def main():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         clips = torch.randn(batch, L, tokens, dim)
 
-        def step():
-            path = interpolate(clips[:, 0], clips[:, -1], L)
-            loss = clip_loss(model(path), clips, 1.0, 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        step = partial(train_step, model, optimizer, clips)
         step()  # warm-up (allocates AdamW state)
         seconds = best_time(step, max(1, args.repeats if tokens == 1 else 1))
         print(f"| {label} | {tokens} x {dim} | {batch} | {seconds:.3f} | {batch / seconds:.1f} |")

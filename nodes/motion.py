@@ -37,8 +37,8 @@ class SemanticMotionPredictor:
     RETURN_TYPES = ("CLIP_VISION_OUTPUT", EMBEDS_TYPE, "INT")
     RETURN_NAMES = ("clip_vision_output", "embeds", "total_frames")
     OUTPUT_TOOLTIPS = (
-        "Per-frame CLIP vision output (batch = total frames): the chosen embeddings are predicted, the other fields "
-        "are interpolated the same way.",
+        ("Per-frame CLIP vision output (batch = total frames): the chosen embeddings are predicted, the other fields "
+         "are interpolated the same way."),
         "The predicted embeddings in IPAdapter_plus's EMBEDS layout: [frames, D] pooled or [frames, tokens, D] penultimate.",
         "Number of frames produced (transitions x frames): the latent batch size to sample.",
     )

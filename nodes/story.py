@@ -45,8 +45,8 @@ class StoryDiffusionStory:
         "One positive prompt per panel, as a batch: connect to the sampler with a latent batch of panel_count.",
         "The style's negative prompt plus yours, repeated for every panel.",
         "The panel captions, one line per panel (blank line = no caption): connect to the comic page node.",
-        "Which characters each panel shows and which panels are identity panels: connect to the consistent "
-        "attention node.",
+        ("Which characters each panel shows and which panels are identity panels: connect to the consistent "
+         "attention node."),
         "The number of panels: connect to the batch_size of Empty Latent Image.",
     )
 
@@ -116,8 +116,8 @@ class StoryDiffusionSelectPanels:
         "The selected panels' negative conditioning.",
         "How many panels were selected: connect to the batch_size of Empty Latent Image.",
         "Story index of the first selected panel: connect to 'first_panel' of Identity Bank Read.",
-        "Which story panel each selected row is: connect to 'Panels In Story Order' next to the images this "
-        "run decodes, so runs can be joined back in story order.",
+        ("Which story panel each selected row is: connect to 'Panels In Story Order' next to the images this "
+         "run decodes, so runs can be joined back in story order."),
     )
     # appended only: saved workflows store these values
     SELECTIONS = ("identity panels", "panel range", "panels that are not identity panels")

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
             continue
         text = render(build_workflow(name, info))
         path = os.path.join(WORKFLOWS_DIR, f"{name}.json")
-        current = open(path).read() if os.path.exists(path) else None
+        current = Path(path).read_text() if os.path.exists(path) else None
         if current == text:
             continue
         if args.check:
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
                 f.write(text)
             print("wrote", os.path.relpath(path, REPO))
     index = json.dumps(template_index(), indent=1, ensure_ascii=False) + "\n"
-    current = open(TEMPLATE_INDEX).read() if os.path.exists(TEMPLATE_INDEX) else None
+    current = Path(TEMPLATE_INDEX).read_text() if os.path.exists(TEMPLATE_INDEX) else None
     if current != index:
         if args.check:
             stale.append("web/templates.json")

@@ -11,45 +11,45 @@ NO_STYLE = "(No style)"
 STYLES: dict[str, tuple[str, str]] = {
     NO_STYLE: ("{prompt}", ""),
     "Japanese Anime": (
-        "anime illustration of {prompt}, japanese animation studio style, expressive, clean cel shading, "
-        "best quality, high resolution",
+        ("anime illustration of {prompt}, japanese animation studio style, expressive, clean cel shading, "
+         "best quality, high resolution"),
         "low quality, low resolution, blurry, photo, 3d render",
     ),
     "Digital/Oil Painting": (
-        "{prompt}, digital oil painting, visible brush strokes, rich colours, painterly lighting, "
-        "fine art, highly detailed",
+        ("{prompt}, digital oil painting, visible brush strokes, rich colours, painterly lighting, "
+         "fine art, highly detailed"),
         "photo, photorealistic, 3d render, anime, cartoon, flat colours, low quality, blurry",
     ),
     "Pixar/Disney Character": (
-        "3d animated feature film character, {prompt}, pixar and disney style, soft studio lighting, "
-        "high quality render",
-        "lowres, bad anatomy, bad hands, extra fingers, missing fingers, text, watermark, signature, "
-        "worst quality, low quality, jpeg artifacts, blurry, photo, grayscale",
+        ("3d animated feature film character, {prompt}, pixar and disney style, soft studio lighting, "
+         "high quality render"),
+        ("lowres, bad anatomy, bad hands, extra fingers, missing fingers, text, watermark, signature, "
+         "worst quality, low quality, jpeg artifacts, blurry, photo, grayscale"),
     ),
     "Photographic": (
-        "photograph of {prompt}, 35mm film, natural light, shallow depth of field, sharp focus, "
-        "professional photography, highly detailed",
+        ("photograph of {prompt}, 35mm film, natural light, shallow depth of field, sharp focus, "
+         "professional photography, highly detailed"),
         "drawing, painting, illustration, sketch, cartoon, anime, 3d render, deformed, blurry, noisy, ugly",
     ),
     "Comic book": (
-        "comic book panel, {prompt}, bold ink outlines, halftone shading, graphic novel art, "
-        "vibrant colours, highly detailed",
+        ("comic book panel, {prompt}, bold ink outlines, halftone shading, graphic novel art, "
+         "vibrant colours, highly detailed"),
         "photograph, photorealistic, stock photo, 3d render, deformed, glitch, noisy, blurry",
     ),
     "Line art": (
-        "line art drawing of {prompt}, clean black lines on white, minimalist, vector illustration, "
-        "professional, sleek",
-        "photograph, photorealistic, colour, shading, painting, oil, acrylic, blurry, noisy, deformed, "
-        "bad anatomy, 3d render",
+        ("line art drawing of {prompt}, clean black lines on white, minimalist, vector illustration, "
+         "professional, sleek"),
+        ("photograph, photorealistic, colour, shading, painting, oil, acrylic, blurry, noisy, deformed, "
+         "bad anatomy, 3d render"),
     ),
     "Black and White Film Noir": (
-        "black and white film noir still, {prompt}, high contrast, hard shadows, venetian blind light, "
-        "1940s detective movie, dramatic, grainy monochrome",
+        ("black and white film noir still, {prompt}, high contrast, hard shadows, venetian blind light, "
+         "1940s detective movie, dramatic, grainy monochrome"),
         "colour, colorful, saturated, bright daylight, cartoon, anime, painting, low contrast, blurry",
     ),
     "Isometric Rooms": (
-        "isometric cutaway diorama of a room, {prompt}, tiny detailed 3d scene, soft lighting, "
-        "clean background, miniature, high quality render",
+        ("isometric cutaway diorama of a room, {prompt}, tiny detailed 3d scene, soft lighting, "
+         "clean background, miniature, high quality render"),
         "photograph, flat, perspective distortion, blurry, noisy, deformed, text, watermark, low quality",
     ),
 }

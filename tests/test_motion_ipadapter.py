@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,8 +93,8 @@ def test_bad_files_give_clear_errors(ipa, tmp_path):
     Err = ipa.core.IPAdapterFormatError
     good = fx.tiny_ipadapter("sd15")
     path = fx.write_ipadapter(str(tmp_path / "cut.safetensors"), good)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
     with pytest.raises(Err, match="corrupt, incomplete or not an IP-Adapter file"):
         ipa.core.load_ipadapter_file(path)
     (tmp_path / "junk.bin").write_bytes(b"not a pickle at all")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,13 +255,13 @@ def test_atomic_path_helper_replaces_or_leaves_nothing(pack, tmp_path):
     target = tmp_path / "bank.safetensors"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError), atomic_path(str(target)) as temporary:
-        open(temporary, "wb").write(b"half")
+        Path(temporary).write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["bank.safetensors"]
     previous = os.umask(0o022)
     try:
         with atomic_path(str(target)) as temporary:
-            open(temporary, "wb").write(b"new")
+            Path(temporary).write_bytes(b"new")
     finally:
         os.umask(previous)
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["bank.safetensors"]
