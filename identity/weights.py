@@ -51,7 +51,7 @@ def read_sections(path: str) -> dict[str, dict]:
                     data.setdefault("_other", {})[key] = value
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or a pickle that is not a plain state dict
+    except Exception as e:  # noqa: BLE001  (corrupt, truncated, or a pickle that is not a plain state dict: loaders raise many types)
         # never PyTorch's own text when it advises weights_only=False (unsafe); `from None` keeps it out of logs
         raise PhotoMakerFileError(f"{name} is corrupt, incomplete or not a PhotoMaker v1 file "
                                   f"({load_failure_reason(e)}): download it again (photomaker-v1.bin) "

@@ -100,7 +100,7 @@ def load_ipadapter_file(path: str) -> dict:
             state_dict = load_file(path, device="cpu")
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a weight file at all
+    except Exception as e:  # noqa: BLE001  (corrupt, truncated, or not a weight file at all: loaders raise many types)
         # never PyTorch's own text when it advises weights_only=False (unsafe); `from None` keeps it out of logs
         raise IPAdapterFormatError(
             f"IP-Adapter file '{name}' is corrupt, incomplete or not an IP-Adapter file ({load_failure_reason(e)}): "

@@ -76,7 +76,7 @@ class PredictorConfig:
     def from_json(cls, text: str) -> PredictorConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
-            raise ValueError("the predictor config is not a JSON object")
+            raise TypeError("the predictor config is not a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -120,7 +120,7 @@ class SemanticMotionPredictor(nn.Module):
         if x.ndim != 4 or x.shape[2] != self.config.tokens or x.shape[3] != self.config.embed_dim:
             raise ValueError(f"The predictor expects embeddings [frames, {self.config.tokens}, {self.config.embed_dim}], "
                              f"got {tuple(interpolated.shape)}.")
-        batch, frames, tokens, dim = x.shape
+        batch, frames, tokens, _ = x.shape
         compute_dtype = self.in_proj.weight.dtype
         h = self.in_proj((x.to(compute_dtype) - self.embed_mean) / self.config.embed_std)
         h = h + self.frame_pos[self.frame_slots(frames, x.device)].view(1, frames, 1, -1)
@@ -195,7 +195,7 @@ def load_predictor(path: str, device="cpu") -> SemanticMotionPredictor:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated/garbage files
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types for truncated/garbage files)
         raise ValueError(f"{name} is not a readable .safetensors file ({exc}): the file is corrupt or truncated; "
                          "download it again or re-run `python -m motion.train`.") from None
     if CONFIG_KEY not in metadata:
@@ -231,5 +231,5 @@ def looks_like_predictor_file(path: str) -> bool:
     try:
         with safe_open(path, framework="pt") as f:
             return CONFIG_KEY in (f.metadata() or {})
-    except Exception:
+    except Exception:  # noqa: BLE001  (whatever makes it unreadable, loading it explains; the list keeps it)
         return True

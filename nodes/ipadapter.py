@@ -85,7 +85,7 @@ class PerFrameSemanticConditioning:
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
             value = torch.cat(list(value), dim=0)
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of embeddings, got {type(value).__name__}.")
+            raise TypeError(f"{name} must be a tensor of embeddings, got {type(value).__name__}.")
         return value
 
     def _embeddings(self, spec, clip_vision_output, embeds) -> torch.Tensor:

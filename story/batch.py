@@ -33,7 +33,7 @@ def _check(name: str, images) -> torch.Tensor:
 
 def resize_cover(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[N, H, W, C] scaled (bilinear, aspect kept) to cover height x width, then centre-cropped to it."""
-    n, h, w, c = images.shape
+    h, w = images.shape[1:3]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     x = images.movedim(-1, 1).float()

@@ -37,13 +37,14 @@ def in_story_order(parts: Sequence[tuple[str, torch.Tensor, PanelSelection]],
 
     Refuses (ValueError, saying what to do) a batch whose size is not its selection's, a story panel
     given twice, selections of stories of different lengths, images of different sizes (nothing is
-    resized) and, unless allow_gaps, a story panel given by no input.
+    resized) and, unless allow_gaps, a story panel given by no input; a `panels` value that is not a
+    panel selection is a TypeError.
     """
     if not parts:
         raise ValueError("no images to put in story order: connect at least one images/panels pair")
     for name, images, selection in parts:
         if not isinstance(selection, PanelSelection):
-            raise ValueError(f"panels_{name} is not a panel selection: connect the 'panels' output of "
+            raise TypeError(f"panels_{name} is not a panel selection: connect the 'panels' output of "
                              f"Select Story Panels")
         if images.ndim != 4:
             raise ValueError(f"images_{name} is not an image batch (shape {list(images.shape)})")

@@ -242,12 +242,12 @@ def write(kind: str, path: str, seed: int = 0) -> str:
 
 def read_kind(path: str) -> dict | None:
     """{"kind", "option", "config"} of a file written here, None for any other file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-    except Exception:
+    except (SafetensorError, OSError):  # not a safetensors file, or none at that path
         return None
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
@@ -371,7 +371,8 @@ def install_loader_hook():
     original = _ORIGINAL_LOAD_CLIP[0]
 
     def load_clip(ckpt_paths, embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                  model_options={}):
+                  model_options=None):
+        model_options = model_options or {}
         if not any(read_kind(p) for p in ckpt_paths):
             return original(ckpt_paths, embedding_directory=embedding_directory, clip_type=clip_type,
                             model_options=model_options)

@@ -83,7 +83,7 @@ def _encoder_exists(codec: str) -> bool:
     try:
         av.codec.Codec(codec, "w")
         return True
-    except Exception:
+    except ValueError:  # av.codec.codec.UnknownCodecError: this build has no such encoder
         return False
 
 

@@ -77,7 +77,8 @@ class PerFrameWrapper:
     def __init__(self, embeddings: torch.Tensor, strength: float):
         self.embeddings, self.strength = embeddings, strength
 
-    def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+    def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
+                 **kwargs):
         dm = executor.class_obj
         if clip_fea is None:
             raise WanSemanticsError("Wan Per-frame Semantics: the conditioning has no CLIP vision output, so the model has "
@@ -90,13 +91,14 @@ class PerFrameWrapper:
         per_latent = latent_frame_embeddings(self.embeddings, frames)
         slots = fill_image_slots(per_latent, clip_fea.shape[-2]).to(device=clip_fea.device, dtype=clip_fea.dtype)
         tokens = dm.img_emb(slots)  # [T, slots, dim]: the model's own emb_pos and projection
-        options = dict(transformer_options)
+        options = dict(transformer_options or {})
         options[OPTIONS_KEY] = PerFrameCall(tokens, layout, self.strength)
         return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
 
 
-def per_frame_cross_attention_forward(self, x, context, context_img_len, transformer_options={}):
+def per_frame_cross_attention_forward(self, x, context, context_img_len, transformer_options=None):
     """WanI2VCrossAttention.forward (comfy/ldm/wan/model.py) with per-frame image tokens (bound to the module)."""
+    transformer_options = transformer_options or {}
     import comfy.ldm.wan.model as wan
 
     attention = wan.optimized_attention

@@ -32,8 +32,9 @@ def umt5_sizes(sd) -> dict:
     return {k: v for k, v in sizes.items() if config[k] != v}
 
 
-def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                                  model_options={}):
+def load_text_encoder_state_dicts(state_dicts=(), embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                                  model_options=None):
+    state_dicts, model_options = list(state_dicts), dict(model_options or {})
     if len(state_dicts) == 1 and clip_type == comfy.sd.CLIPType.WAN:
         sizes = umt5_sizes(state_dicts[0])
         if sizes:
