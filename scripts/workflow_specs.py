@@ -77,27 +77,23 @@ def comic_sd15(b: WorkflowBuilder) -> None:
                    TEST_SIZE, {"layout": "classic comic", "page_width": 512})
 
 
-STORY_CHARACTERS = "\n".join([
-    "[Mia] a young woman with short red hair, green raincoat",
-    "[Leo] an old man with a white beard, blue sweater",
-])
+STORY_CHARACTERS = ("[Mia] a young woman with short red hair, green raincoat\n"
+                    "[Leo] an old man with a white beard, blue sweater")
 # Identity panels first: with identity_panels=2 the story's identity panels are 0-3 (Mia, Mia, Leo, Leo), so
 # the identity run ("identity panels") and the story run ("panel range" from panel 4 to the end) together
 # cover every panel once, and joining their images (identity first) gives the story order.
-STORY_PANELS = "\n".join([
-    "[Mia] wakes up in a small attic room # Monday.",
-    "[Mia] drinks coffee by the window # Rain again.",
-    "[Leo] walks his dog in the rain # Same as every day.",
-    "[Leo] buys a newspaper at the kiosk",
-    "[NC] a rainy city street at dawn",
-    "[Mia] waits at a bus stop with an umbrella",
-    "[Mia] and [Leo] share the umbrella # \"Is this seat taken?\"",
-    "[NC] a red bus driving through puddles",
-    "[Mia] and [Leo] laugh on the bus",
-    "[Leo] shows a photo of his dog # His name is Biscuit.",
-    "[Mia] waves goodbye at her stop # See you tomorrow!",
-    "[NC] the sun breaks through the clouds over the city # The End.",
-])
+STORY_PANELS = ("[Mia] wakes up in a small attic room # Monday.\n"
+                "[Mia] drinks coffee by the window # Rain again.\n"
+                "[Leo] walks his dog in the rain # Same as every day.\n"
+                "[Leo] buys a newspaper at the kiosk\n"
+                "[NC] a rainy city street at dawn\n"
+                "[Mia] waits at a bus stop with an umbrella\n"
+                "[Mia] and [Leo] share the umbrella # \"Is this seat taken?\"\n"
+                "[NC] a red bus driving through puddles\n"
+                "[Mia] and [Leo] laugh on the bus\n"
+                "[Leo] shows a photo of his dog # His name is Biscuit.\n"
+                "[Mia] waves goodbye at her stop # See you tomorrow!\n"
+                "[NC] the sun breaks through the clouds over the city # The End.")
 STORY_IDENTITY_PANELS = 2  # per character
 STORY_IDENTITY_BATCH = 4  # 2 characters x 2: panels 0-3
 STORY_RUN_FIRST_PANEL = STORY_IDENTITY_BATCH  # the story run samples panels 4-11 (count 0 = to the end)

@@ -200,13 +200,13 @@ def register_motion_folder(models_dir) -> str:
     path = os.path.join(str(models_dir), MOTION_FOLDER)
     os.makedirs(path, exist_ok=True)
     folder_paths.add_model_folder_path(MOTION_FOLDER, path, is_default=True)
-    names, extensions = folder_paths.folder_names_and_paths[MOTION_FOLDER]
+    _, extensions = folder_paths.folder_names_and_paths[MOTION_FOLDER]
     extensions.update(folder_paths.supported_pt_extensions)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------
-# pytest fixtures (import them by name into a test module)
+# pytest fixtures (tests/conftest.py registers this module as a plugin: a test asks for them by name)
 
 
 @pytest.fixture(scope="module")

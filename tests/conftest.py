@@ -17,6 +17,9 @@ comfy_env.import_comfy()
 import harness
 import tiny_models
 
+# fixtures some test modules ask for by name: AnimateDiff-Evolved (ade, ...), IPAdapter_plus and VHS snapshots
+pytest_plugins = ["animatediff_fixtures", "thirdparty_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):

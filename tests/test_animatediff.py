@@ -15,7 +15,6 @@ import torch
 import animatediff_fixtures as adf
 import harness
 import ipadapter_fixtures as fx
-from animatediff_fixtures import ade, motion_model_file, real_width_checkpoint  # noqa: F401  (fixtures)
 
 FRAMES = 6
 CONTEXT_LENGTH = 4

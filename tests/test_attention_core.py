@@ -93,8 +93,8 @@ def test_window_mode_is_the_mean_over_windows(att):
             sums[row] = sums.get(row, 0) + o
             counts[row] = counts.get(row, 0) + 1
     assert counts[0] == 1 and counts[2] == 3  # edge panels sit in fewer windows
-    for row in sums:
-        torch.testing.assert_close(out[row].double(), sums[row] / counts[row], atol=1e-5, rtol=1e-5)
+    for row, total in sums.items():
+        torch.testing.assert_close(out[row].double(), total / counts[row], atol=1e-5, rtol=1e-5)
     whole = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=0)
     assert (out - whole).abs().max() > 1e-4
     assert torch.equal(core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=b),

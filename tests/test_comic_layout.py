@@ -268,7 +268,7 @@ def run_node(comfy_nodes, images, captions, **overrides):
 
 def test_comic_node_pages_and_determinism(comfy_nodes):
     images, _ = panel_batch(9)
-    captions = "\n".join(["One", "", "Three 三", "Four", "Five", "", "Seven", "Eight", "Nine"]) + "\n"
+    captions = "One\n\nThree 三\nFour\nFive\n\nSeven\nEight\nNine\n"
     pages = run_node(comfy_nodes, images, captions)
     assert pages.ndim == 4 and pages.shape[0] >= 2 and pages.shape[-1] == 3 and pages.shape[2] == 512
     assert pages.dtype == torch.float32 and 0 <= pages.min() and pages.max() <= 1

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import ClassVar
 
 import pytest
 import torch
 
 import ipadapter_fixtures as fx
 import motion_fixtures
-from thirdparty_fixtures import ipadapter_plus, vhs  # noqa: F401 (pytest fixtures)
 
 POOLED_DIM = 24  # pooled image_embeds width of motion_fixtures' tiny CLIP vision model
 
@@ -35,7 +35,7 @@ class InteropCapturePairs:
     FUNCTION = "capture"
     OUTPUT_NODE = True
     CATEGORY = "tests"
-    captured: list = []
+    captured: ClassVar[list] = []
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -1,6 +1,8 @@
 """The predictor nodes inside ComfyUI's executor: loader, per-frame embeddings, error messages."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ class CaptureForTests:
     FUNCTION = "capture"
     OUTPUT_NODE = True
     CATEGORY = "tests"
-    captured: list = []
+    captured: ClassVar[list] = []
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -6,6 +6,8 @@ call time, so the recorder sees every bar a node makes.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ import tiny_models
 
 
 class RecordingBar:
-    bars: list[RecordingBar] = []
+    bars: ClassVar[list[RecordingBar]] = []
 
     def __init__(self, total, node_id=None):
         self.total, self.updates = total, []

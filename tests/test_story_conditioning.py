@@ -57,7 +57,7 @@ def test_each_row_is_core_clip_text_encode(comfy_nodes, story_node, clips, famil
         assert torch.equal(extras["pooled_output"][i:i + 1], core_extras["pooled_output"])
     from comfyui_storydiffusion.story.styles import style_negative
 
-    ((core_neg, core_neg_extras),) = core_encode(comfy_nodes, clip, style_negative("Japanese Anime", "blurry"))
+    ((core_neg, _),) = core_encode(comfy_nodes, clip, style_negative("Japanese Anime", "blurry"))
     assert all(torch.equal(negative[0][0][i:i + 1], core_neg) for i in range(3))
     # prompt weighting reaches the encoder: the same panel without the weight encodes differently
     ((unweighted, _),) = core_encode(comfy_nodes, clip, story.panels[0].prompt.replace("(green raincoat:1.3)",
@@ -131,7 +131,7 @@ def test_select_panels_picks_story_rows(comfy_nodes, story_node, clips, family):
     """Identity panels / a panel range: exactly those rows of every batched tensor, other keys kept."""
     select = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionSelectPanels"]()
     panels = PANELS + "\n[Leo] reads a newspaper\n[Mia] runs in the rain"
-    positive, negative, _, story, count = story_node.build(clips[family], CHARACTERS, panels, "(No style)", "", 1)
+    positive, negative, _, story, _ = story_node.build(clips[family], CHARACTERS, panels, "(No style)", "", 1)
     assert story.identity_panels == {"Mia": (0,), "Leo": (1,)}
     ((cond, extras),) = positive
     for choice, first, n, rows in [("identity panels", 0, 0, [0, 1]), ("panel range", 2, 0, [2, 3, 4]),

@@ -186,7 +186,7 @@ def test_sd3_clip_only_long_prompts_still_tile(comfy_nodes, story_node, clips):
     clip = clips("sd3_lg")
     long = "[Leo] " + ", ".join(f"detail number {i}" for i in range(22))
     positive, _, _, story, _ = story_node.build(clip, CHARACTERS, "[Mia] waits\n" + long, "(No style)", "", 1)
-    ((cond, extras),) = positive
+    ((cond, _),) = positive
     ((short, _),) = core_encode(comfy_nodes, clip, story.panels[0].prompt)
     ((full, _),) = core_encode(comfy_nodes, clip, story.panels[1].prompt)
     assert cond.shape[1] == 154 and full.shape[1] == 154
@@ -201,7 +201,7 @@ def test_flux2_text_encoder_loads_or_is_a_known_version_mismatch(pack):
     except TypeError as error:
         assert "MistralConverter" in str(error)
         pytest.skip("ComfyUI's Flux.2 tokenizer needs an older transformers (MistralConverter(vocab=...))")
-    ((cond, extras),) = clip.encode_from_tokens_scheduled(clip.tokenize("a girl waits at a bus stop"))
+    ((cond, _),) = clip.encode_from_tokens_scheduled(clip.tokenize("a girl waits at a bus stop"))
     assert cond.shape[-1] == 3 * tiny_text_encoders.WIDTH
 
 

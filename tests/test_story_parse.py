@@ -1,6 +1,8 @@
 """The story parser: every syntax of the characters/panels texts, and a clear error for every mistake."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 
@@ -123,9 +125,9 @@ def test_share_mask_follows_the_characters(parse):
 def test_any_number_of_characters(parse):
     names = [f"C{i}" for i in range(7)]
     characters = "\n".join(f"[{n}] person number {i}" for i, n in enumerate(names))
-    panels = "\n".join(f"[{a}] meets [{b}]" for a, b in zip(names, names[1:]))
+    panels = "\n".join(f"[{a}] meets [{b}]" for a, b in pairwise(names))
     story = parse.parse_story(characters, panels, identity_panels=1)
-    assert [p.characters for p in story.panels] == list(zip(names, names[1:]))
+    assert [p.characters for p in story.panels] == list(pairwise(names))
     assert story.identity_panels == {n: (max(0, i - 1),) for i, n in enumerate(names)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_crossfade_arithmetic_is_linear_and_exact(video):
 def test_overlap_one_shows_the_shared_panel_frame_once(video):
     panels = [0.1, 0.5, 0.9]
     segments = [torch.stack([constant(a, 1)[0], constant((a + b) / 2, 1)[0], constant(b, 1)[0]])
-                for a, b in zip(panels, panels[1:])]
+                for a, b in pairwise(panels)]
     frames = values(video.join_segments(segments, overlap=1))
     assert frames == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
     hard_cut = values(video.join_segments(segments, overlap=0))

@@ -254,7 +254,7 @@ def pack_fixture(key: str):
     return pytest.fixture(scope="module", name=key)(fixture)
 
 
-# pytest fixtures (import them by name into a test module)
+# pytest fixtures (tests/conftest.py registers this module as a plugin: a test asks for them by name)
 ipadapter_plus = pack_fixture("ipadapter_plus")
 vhs = pack_fixture("vhs")
 
