@@ -113,6 +113,7 @@ class RunState:
     evaluations_since_report: int = 0
     step: Optional[int] = None  # the step of the evaluation in progress (None: decide by sigma)
     sigma: Optional[float] = None  # the sigma of the evaluation in progress (read once, not per layer)
+    reached: set = field(default_factory=set)  # layers whose CSA patch ran at an active step (see unreached_message)
 
     def __deepcopy__(self, memo):
         return self
@@ -141,6 +142,40 @@ class RunState:
                 self.step = self.reported
                 return
         self.step = step_index(sigma, self.sample_sigmas)
+
+    def reach(self, step: int, layer) -> None:
+        """A selected layer's patch ran at an active step: CSA is really in this run's attention."""
+        self.reached.add(layer)
+
+    def window(self, config: "CSAConfig") -> int:
+        """The sliding window of this run: none in a read run, whose panels share nothing with each other (each
+        reads the bank), so every window would repeat the same work."""
+        return 0 if self.bank_reads is not None else config.window
+
+    def unreached_message(self, config: "CSAConfig") -> Optional[str]:
+        """Why this finished run did not get Consistent Self-Attention everywhere it should, or None.
+
+        A layer is due when the schedule makes it active at some step of this run; a due layer whose patch never
+        ran means another node took the attention slot (or the forward) after ours without chaining it."""
+        if config.rate <= 0 and config.rate_high_res <= 0 and config.mode != MODE_READ:
+            return None
+        planned = planned_steps(config, self.sample_sigmas)
+        due = [layer for layer in config.layers if planned(layer) > 0]
+        missing = [layer for layer in due if layer not in self.reached]
+        if not missing:
+            return None
+        shown = ", ".join(" ".join(str(p) for p in layer[:2]) for layer in missing[:6]) + (" ..." if len(missing) > 6 else "")
+        if config.family == "UNet":
+            causes = ("another node set its own attn1 replace on these blocks after Consistent Self-Attention without "
+                      "chaining it (put that node before Consistent Self-Attention, which keeps what it finds)")
+        else:
+            causes = ("another node put its own attention override on the MODEL after Consistent Self-Attention without "
+                      "calling the one it found, a cache or speed-up node replaced the model's forward (its blocks then "
+                      "do not name themselves), or SD3's 'dit' block replace was overwritten (put such nodes before "
+                      "Consistent Self-Attention, or remove them)")
+        return (f"StoryDiffusion: Consistent Self-Attention ran in {len(due) - len(missing)} of the {len(due)} "
+                f"{config.family} layers it was to share in this run (never in: {shown}), so those panels were drawn "
+                f"without it. Likely cause: {causes}.")
 
     def report(self, i: int):
         self.reported, self.evaluations_since_report = int(i), 0
@@ -201,12 +236,15 @@ class AttentionCalls:
     Each entry: (layer key or None for an attention CSA never touches, tokens before the image tokens,
     image tokens, total tokens of the call). The override takes one entry per call; a call whose token
     count differs from the entry's means another patch added or changed attention calls, and is refused
-    rather than guessed."""
+    rather than guessed. After the model call `check_all_made` refuses a call that never came once CSA has
+    used an entry: every call after the missing one was placed on the wrong block (wrong seed, wrong layer,
+    wrong bank key)."""
 
     def __init__(self, family: str, calls: list):
         self.family = family
         self.calls = calls
         self.at = 0
+        self.used = False  # CSA shared, wrote or read tokens for one of this call's entries
 
     def __deepcopy__(self, memo):
         return self
@@ -221,6 +259,13 @@ class AttentionCalls:
             raise PatchError(f"StoryDiffusion: {self.family} attention call {self.at} attends over {tokens} tokens, not the "
                              f"{expected} its block has (another patch changed the tokens?): cannot place the image tokens")
         return layer, before, image
+
+    def check_all_made(self):
+        if self.at != len(self.calls) and self.used:
+            raise PatchError(f"StoryDiffusion: a {self.family} model call made {self.at} of the {len(self.calls)} attention "
+                             "calls its blocks make, so Consistent Self-Attention placed later calls on the wrong blocks. "
+                             "Another node skips attention calls (a block cache, an attention-skipping patch): remove "
+                             "it from this MODEL, or put it after Consistent Self-Attention's sampling.")
 
 
 def patched_image_tokens(x: torch.Tensor, patch: int) -> int:

@@ -122,7 +122,7 @@ def call_override(csa, model, q, k, v, kinds, block=("single", 0), text=TEXT, im
     options = dict(model.model_options["transformer_options"])
     config = options[csa.CONFIG_KEY]
     run = csa.start_run(config, batch or q.shape[0] // len(kinds), [1.0, 0.5, 0.0])
-    options.update({csa.RUN_KEY: run, csa.TOKENS_KEY: (text, image), "block_type": block[0], "block_index": block[1],
+    options.update({csa.RUN_KEY: run, csa.TOKENS_KEY: (image, q.shape[2] - text - image), "block_type": block[0], "block_index": block[1],
                     "cond_or_uncond": kinds, "sigmas": torch.full((q.shape[0],), sigma)})
     override = options[csa.OVERRIDE_SLOT]
     func = attention.optimized_attention
@@ -150,11 +150,13 @@ def test_families_blocks_and_the_layer_syntax(csa, flux, chroma):
     assert csa.dit_family(tiny_models.make_dit("flux2")) is csa.FLUX2
     dm = flux.model.diffusion_model
     assert csa.FLUX1.blocks(dm) == [("double", 0, 0), ("double", 1, 0), ("single", 0, 0), ("single", 1, 0)]
-    assert csa.FLUX1.default_blocks(dm) == [("double", 1, 0), ("single", 0, 0), ("single", 1, 0)]
+    assert csa.FLUX1.default_blocks(dm) == [("single", 1, 0)]  # the later part of the single stack
     real = type("FluxDev", (), {"double_blocks": [None] * 19, "single_blocks": [None] * 38})()
     default = csa.FLUX1.default_blocks(real)
-    assert default[0] == ("double", 10, 0) and len(default) == 9 + 38  # double 10-18, single 0-37
-    assert schedule.select_layers(csa.FLUX1.blocks(real), schedule.LAYERS_CUSTOM, "double 10-18, single 0-37") == default
+    assert default == [("single", i, 0) for i in range(11, 38)]  # single 11-37 (Story2Board), 27 of 57 blocks
+    assert schedule.select_layers(csa.FLUX1.blocks(real), schedule.LAYERS_CUSTOM, "single 11-37") == default
+    flux2 = type("Flux2Dev", (), {"double_blocks": [None] * 8, "single_blocks": [None] * 48})()
+    assert csa.FLUX2.default_blocks(flux2) == [("single", i, 0) for i in range(14, 48)]  # the same share of the stack
     assert schedule.select_layers(csa.FLUX1.blocks(dm), schedule.LAYERS_CUSTOM, "double 0, single 1") == \
         [("double", 0, 0), ("single", 1, 0)]
     ordinals = [schedule.layer_ordinal(key) for key in csa.FLUX1.blocks(real)]
@@ -228,7 +230,7 @@ def test_ksampler_at_rate_1_equals_an_independent_override(csa, flux, chroma, fa
     model = {"flux": flux, "chroma": chroma}.get(family) or tiny_models.make_dit(family, seed=4)
     # Flux.2: 1x1 patches of a 128-channel 4x4 latent, prompts padded to 512 tokens; the others 2x2 patches of 8x8
     text, shape = (512, dict(channels=128, size=4)) if family == "flux2" else (TEXT, {})
-    layers = {("double", 1), ("single", 0), ("single", 1)}  # the default blocks of the tiny models
+    layers = {("single", 1)}  # the default blocks of the tiny models (the later part of the single stack)
     patched = patch(csa, model, rate=1.0)
     reference = model.clone()
     reference.model_options["transformer_options"]["optimized_attention_override"] = reference_override(layers, text, 16)

@@ -69,7 +69,7 @@ def sample(model, family, rows, noise):
 def one_way_reference(family, model):
     """An independent override: rate-1 CSA over the blocks the tiny model's defaults select, share = ONE_WAY."""
     if family in ("flux", "chroma"):
-        layers = {("double", 1), ("single", 0), ("single", 1)}
+        layers = {("single", 1)}
         return flux_tests.reference_override(layers, flux_tests.TEXT, 16, share_of=lambda panels: ONE_WAY), None
     from test_attention_dit_families import DEFAULTS
 
@@ -113,7 +113,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
 
     flux = family_model(models, "flux")
     patched = patch(csa, flux, rate=0.5, seed=4)
-    text, image, kinds, block = 5, 16, [1, 0], ("double", 1)
+    text, image, kinds, block = 5, 16, [1, 0], ("single", 1)  # a default block of the tiny Flux
     q, k, v = qkv(2 * 3, text + image, seed=3)  # rows: [uncond: id0, id1, p; cond: id0, id1, p]
     ids, story = [0, 1, 3, 4], [2, 5]
 
@@ -123,7 +123,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
         options = dict(model.model_options["transformer_options"])
         config = options[csa.CONFIG_KEY]
         run = csa.start_run(config, len(rows) // 2, [1.0, 0.5, 0.0])
-        options.update({csa.RUN_KEY: run, csa.TOKENS_KEY: (text, image), "block_type": block[0],
+        options.update({csa.RUN_KEY: run, csa.TOKENS_KEY: (image, q.shape[2] - text - image), "block_type": block[0],
                         "block_index": block[1], "cond_or_uncond": kinds, "sigmas": torch.full((len(rows),), 1.0)})
         out = options[csa.OVERRIDE_SLOT](attention.optimized_attention, q[rows], k[rows], v[rows], 2,
                                          skip_reshape=True, transformer_options=options)
@@ -135,7 +135,7 @@ def test_override_bank_read_equals_the_batch_at_rate_one_half(csa, models):
     out = call(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2), story, lambda run: None)
 
     share = torch.tensor(ONE_WAY[:3])[:, :3]
-    sampled = core.sample_panel_tokens(image, 0.5, 4, 0, layer_ordinal(("double", 1, 0)), (0, 1, 2))
+    sampled = core.sample_panel_tokens(image, 0.5, 4, 0, layer_ordinal(("single", 1, 0)), (0, 1, 2))
     expected = dit.joint_consistent_attention(q, k, v, chunks=2, text_tokens=text, image_tokens=image, share=share,
                                               sampled=sampled)
     torch.testing.assert_close(out, expected[story], atol=1e-6, rtol=1e-6)
@@ -208,7 +208,7 @@ def test_dual_cfg_guider_on_flux_batch_and_bank(csa, models):
 
     flux = family_model(models, "flux")
     noise = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(21))
-    layers = {("double", 1), ("single", 0), ("single", 1)}
+    layers = {("single", 1)}
     with_reference = flux.clone()
     with_reference.model_options["transformer_options"]["optimized_attention_override"] = flux_tests.reference_override(
         layers, flux_tests.TEXT, 16, share_of=lambda panels: ONE_WAY)

@@ -86,10 +86,10 @@ class Reference:
 
 
 FAMILIES = ["sd3", "qwen", "lumina", "z_image", "hidream"]
-DEFAULTS = {  # default blocks of the tiny models (the later half; HiDream: double from the middle + every single)
+DEFAULTS = {  # default blocks of the tiny models (the later half; HiDream: the later half of its single stack)
     "sd3": [("double", 1), ("double", 2)], "qwen": [("double", 2), ("double", 3)],
     "lumina": [("single", 2), ("single", 3)], "z_image": [("single", 2), ("single", 3)],
-    "hidream": [("double", 1), ("single", 0), ("single", 1)],
+    "hidream": [("single", 1)],
 }
 
 
@@ -139,7 +139,7 @@ def test_the_family_table(csa, models):
     assert csa.LUMINA2.default_blocks(real(layers=26)) == [("single", i, 0) for i in range(13, 26)]
     assert csa.Z_IMAGE.default_blocks(real(layers=30)) == [("single", i, 0) for i in range(15, 30)]
     hidream = csa.HIDREAM.default_blocks(real(double_stream_blocks=16, single_stream_blocks=32))
-    assert hidream == [("double", i, 0) for i in range(8, 16)] + [("single", i, 0) for i in range(32)]
+    assert hidream == [("single", i, 0) for i in range(16, 32)]
     lumina = model_of(models, "lumina").model.diffusion_model
     assert schedule.select_layers(csa.LUMINA2.blocks(lumina), schedule.LAYERS_CUSTOM, "single 0, single 3") == \
         [("single", 0, 0), ("single", 3, 0)]
@@ -199,7 +199,6 @@ def test_an_extra_attention_call_is_refused(csa, models):
     model = model_of(models, "lumina")
 
     def twice(func, q, k, v, heads, *args, **kwargs):
-        options = kwargs["transformer_options"]
         kwargs_again = dict(kwargs)
         del kwargs_again["_inside_attn_wrapper"]
         from comfy.ldm.modules import attention
@@ -217,8 +216,9 @@ def test_hidream_e1_is_refused(csa, models):
     family = csa.dit_family(model)
     x = torch.zeros(1, 16, 8, 8)
     with pytest.raises(ValueError, match="HiDream E1"):
-        family.call_options(model.model.diffusion_model, (x, None, None, torch.zeros(1, 5, 16),
-                                                          torch.zeros(1, 4, 3, 16, 16), x), {})
+        family.call_options(model.model.diffusion_model, {"x": x, "context": torch.zeros(1, 5, 16),
+                                                          "encoder_hidden_states_llama3": torch.zeros(1, 4, 3, 16, 16),
+                                                          "image_cond": x})
 
 
 def test_qwen_image_edit_reference_tokens_are_not_shared(csa, models):

@@ -1,29 +1,34 @@
 """The DiT families Consistent Self-Attention understands: their blocks, default blocks, and where the image
 tokens sit in each joint attention of a model call. A DIFFUSION_MODEL wrapper (`DiTTokenLayout`; SD3: "dit"
 block replaces) records that layout in the call's transformer_options, where the override
-(attention/comfy/dit_override.py) reads it."""
+(attention/comfy/dit_override.py) reads it. The wrapper reads the model's `_forward` arguments by *name*
+(bound to its signature), never by position: ComfyUI reorders them between releases (Qwen-Image did)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
 from ..run import CALLS_KEY, CONFIG_KEY, TOKENS_KEY, AttentionCalls, PatchError, patched_image_tokens
+
+# Flux.1 / Chroma share in single blocks 11-37 of 38 (Story2Board mixes there; CharaConsist shares only in single
+# blocks): the later part of the single stack. Other depths (Flux.2: 48 single blocks) keep the same fraction.
+FLUX_FIRST_SHARED_SINGLE = 11 / 38
 
 
 @dataclass(frozen=True)
 class DiTFamily:
     """A DiT family whose joint attention the override understands (Flux.1, Flux.2, Chroma: the base class).
 
-    options_position: where the model's `_forward` takes transformer_options among its positional args
-    (the DIFFUSION_MODEL wrapper sees them so; None: in kwargs). Default blocks: the later half of the
-    network — the double-stream blocks from the middle of the stack on, and every single-stream block — the
-    DiT counterpart of the UNet's output blocks, where the official code shares; a starting point, not tuned
-    on real weights (use "all blocks" or a custom list such as "double 10-18, single 0-37").
+    Default blocks: the later single-stream blocks, single 11-37 on Flux.1 and Chroma (Story2Board shares
+    there; CharaConsist only in single blocks) — where the layout of the image is settled and identity
+    detail is drawn, the DiT counterpart of the UNet's output blocks, where the official code shares. Double
+    blocks stay reachable through a custom list ("double 10-18, single 0-37" was this pack's earlier default).
 
-    Flux-like models set transformer_options block_type/block_index themselves and put the text tokens
-    first, then the image tokens, then reference-image tokens (never shared)."""
+    Flux-like models set transformer_options block_type/block_index themselves and attend over [text, image,
+    reference images]; the text may be longer than the prompt (a post_input patch such as USO's style
+    reference prepends tokens), so the text is what is left after the image and the trailing reference tokens."""
     name: str
-    options_position: Optional[int]
 
     def __deepcopy__(self, memo):
         return self
@@ -33,14 +38,17 @@ class DiTFamily:
                 + [("single", i, 0) for i in range(len(model.single_blocks))])
 
     def default_blocks(self, model) -> list:
-        first_double = (len(model.double_blocks) + 1) // 2  # Flux.1: 19 double blocks -> 10-18
-        return [key for key in self.blocks(model) if key[0] == "single" or key[1] >= first_double]
+        first_single = round(len(model.single_blocks) * FLUX_FIRST_SHARED_SINGLE)  # Flux.1: 38 -> 11
+        return [key for key in self.blocks(model) if key[0] == "single" and key[1] >= first_single]
 
-    def call_options(self, model, args, kwargs) -> dict:
-        """What the DIFFUSION_MODEL wrapper adds to this model call's transformer_options.
-        Flux._forward(x, t, context, ...): text tokens = context's; image tokens = the latent's patches."""
-        context = args[2] if len(args) > 2 else kwargs.get("context")
-        return {TOKENS_KEY: (int(context.shape[1]), patched_image_tokens(args[0], int(getattr(model, "patch_size", 2))))}
+    def call_options(self, model, arguments: dict) -> dict:
+        """What the DIFFUSION_MODEL wrapper adds to this model call's transformer_options (arguments: the
+        model's `_forward` arguments by name). Flux / Chroma / Qwen-Image: (image tokens, reference tokens
+        after them); the override derives the text tokens from each call's total."""
+        patch = int(getattr(model, "patch_size", 2))
+        refs = arguments.get("ref_latents") or ()
+        trailing = sum(patched_image_tokens(ref, patch) for ref in refs)
+        return {TOKENS_KEY: (patched_image_tokens(arguments["x"], patch), trailing)}
 
     def install(self, patched, model):
         """Anything besides the override and the DIFFUSION_MODEL wrapper (SD3: block replaces)."""
@@ -77,9 +85,12 @@ class LuminaFamily(DiTFamily):
         first = len(model.layers) // 2
         return [key for key in self.blocks(model) if key[1] >= first]
 
-    def call_options(self, model, args, kwargs) -> dict:
-        x = args[0]
-        context = args[2] if len(args) > 2 else kwargs.get("context")
+    def call_options(self, model, arguments: dict) -> dict:
+        x, context = arguments["x"], arguments["context"]
+        extra = [name for name in ("ref_latents", "ref_contexts", "siglip_feats") if arguments.get(name)]
+        if extra:
+            raise PatchError(f"Consistent Self-Attention does not support {self.name} with reference inputs "
+                             f"({', '.join(extra)}): their tokens change the layout of every block. Sample without them.")
         multiple = getattr(model, "pad_tokens_multiple", None)
         text = int(context.shape[1])
         image = patched_image_tokens(x, int(model.patch_size))
@@ -99,22 +110,20 @@ class HiDreamFamily(DiTFamily):
     Llama layer of the block] (image tokens FIRST; the text that follows is never shared). The blocks name
     themselves nowhere, so the wrapper lists the attention calls (one per block, doubles then singles).
     Image-token masks exist only for list inputs, never from _forward. HiDream E1 (image_cond) puts the
-    reference image beside the panel in one token grid and is refused. Default: like Flux, double blocks
-    from the middle on and every single block (HiDream-I1: double 8-15, single 0-31)."""
+    reference image beside the panel in one token grid and is refused. Default: like Flux, only single blocks —
+    the later half of the single stack (HiDream-I1: single 16-31)."""
 
     def blocks(self, model) -> list:
         return ([("double", i, 0) for i in range(len(model.double_stream_blocks))]
                 + [("single", i, 0) for i in range(len(model.single_stream_blocks))])
 
     def default_blocks(self, model) -> list:
-        first_double = len(model.double_stream_blocks) // 2
-        return [key for key in self.blocks(model) if key[0] == "single" or key[1] >= first_double]
+        first_single = len(model.single_stream_blocks) // 2
+        return [key for key in self.blocks(model) if key[0] == "single" and key[1] >= first_single]
 
-    def call_options(self, model, args, kwargs) -> dict:
-        # _forward(x, t, y, context, encoder_hidden_states_llama3, image_cond, control, transformer_options)
-        names = ("x", "t", "y", "context", "encoder_hidden_states_llama3", "image_cond")
-        value = {n: (args[i] if len(args) > i else kwargs.get(n)) for i, n in enumerate(names)}
-        if value["image_cond"] is not None:
+    def call_options(self, model, arguments: dict) -> dict:
+        value = arguments
+        if value.get("image_cond") is not None:
             raise PatchError("Consistent Self-Attention does not support HiDream E1 (edit) models: they put the reference "
                              "image beside the panel in one token grid, so the panel's own image tokens cannot be told apart")
         image = patched_image_tokens(value["x"], int(model.patch_size))
@@ -168,20 +177,24 @@ class SD3BlockLayout:
             calls = [(("double", self.index, 0), text, image, text + image)]
             if self.attn2:
                 calls.append((None, 0, 0, image))
-            args = dict(args, transformer_options=dict(options, **{CALLS_KEY: AttentionCalls(self.family, calls)}))
+            listed = AttentionCalls(self.family, calls)
+            args = dict(args, transformer_options=dict(options, **{CALLS_KEY: listed}))
+            output = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+            listed.check_all_made()
+            return output
         if self.inner is not None:
             return self.inner(args, extra)
         return extra["original_block"](args)
 
 
-FLUX1 = DiTFamily("Flux.1", options_position=7)  # Flux._forward(x, t, context, y, guidance, ref_latents, control, options)
-FLUX2 = DiTFamily("Flux.2", options_position=7)  # the same model class (4 position axes, 1x1 patches of a packed latent)
-CHROMA = DiTFamily("Chroma", options_position=5)  # Chroma._forward(x, t, context, guidance, control, options)
-QWEN_IMAGE = QwenImageFamily("Qwen-Image", options_position=6)  # _forward(x, t, context, mask, guidance, ref_latents, options)
-LUMINA2 = LuminaFamily("Lumina 2", options_position=None)  # NextDiT._forward(x, t, context, num_tokens, mask, **kwargs)
-Z_IMAGE = LuminaFamily("Z-Image", options_position=None)  # the same NextDiT class (z_image_modulation)
-HIDREAM = HiDreamFamily("HiDream", options_position=7)
-SD3 = SD3Family("SD3", options_position=None)  # no DIFFUSION_MODEL wrapper: SD3BlockLayout replaces
+FLUX1 = DiTFamily("Flux.1")
+FLUX2 = DiTFamily("Flux.2")  # the same model class (4 position axes, 1x1 patches of a packed latent)
+CHROMA = DiTFamily("Chroma")
+QWEN_IMAGE = QwenImageFamily("Qwen-Image")
+LUMINA2 = LuminaFamily("Lumina 2")
+Z_IMAGE = LuminaFamily("Z-Image")  # the same NextDiT class (z_image_modulation)
+HIDREAM = HiDreamFamily("HiDream")
+SD3 = SD3Family("SD3")  # no DIFFUSION_MODEL wrapper: SD3BlockLayout replaces
 SUPPORTED_FAMILIES = ("UNet models (SD1.5, SD2, SDXL) and the DiT families Flux.1 (dev, schnell, Kontext), Flux.2, "
                       "SD3 / SD3.5, Qwen-Image, Lumina 2 / Z-Image, HiDream (not E1) and Chroma")
 
@@ -238,26 +251,42 @@ class DiTTokenLayout:
     """DIFFUSION_MODEL wrapper: records, in (a copy of) this model call's transformer_options, where the image
     tokens of each joint attention sit (family.call_options), where the override reads them. Image tokens =
     the latent's patches (padded to the patch size, as the model does); tokens after them (Kontext reference
-    images, padding, HiDream's text) are not panel tokens and are never shared."""
+    images, padding, HiDream's text) are not panel tokens and are never shared.
 
-    def __init__(self, family: DiTFamily):
+    After the call it checks that a family with listed attention calls made every one of them: a call that
+    never came (a cache or another patch skipped it) shifts every later call onto the wrong block."""
+
+    def __init__(self, family: DiTFamily, signature: inspect.Signature):
         self.family = family
+        self.signature = signature  # of the diffusion model's _forward, bound once at patch time
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, *args, **kwargs):
-        position = self.family.options_position
-        in_kwargs = "transformer_options" in kwargs or position is None
-        options = kwargs.get("transformer_options") if in_kwargs else (args[position] if len(args) > position else None)
+        try:
+            bound = self.signature.bind_partial(*args, **kwargs)
+        except TypeError as e:
+            raise PatchError(f"StoryDiffusion: this ComfyUI calls the {self.family.name} model with arguments its "
+                             f"_forward does not take ({e}): update the pack, or report the ComfyUI version") from None
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop(self._var_keyword, None) or {})
+        options = arguments.get("transformer_options")
         if not isinstance(options, dict) or options.get(CONFIG_KEY) is None:
             return executor(*args, **kwargs)
         options = dict(options)
-        options.update(self.family.call_options(executor.class_obj, args, kwargs))
-        if in_kwargs:
+        options.update(self.family.call_options(executor.class_obj, arguments))
+        if "transformer_options" in bound.arguments:
+            bound.arguments["transformer_options"] = options
+            args, kwargs = bound.args, bound.kwargs
+        else:  # taken by **kwargs (Lumina 2 on ComfyUI 0.3.75)
             kwargs = dict(kwargs, transformer_options=options)
-        else:
-            args = args[:position] + (options,) + args[position + 1:]
-        return executor(*args, **kwargs)
+        output = executor(*args, **kwargs)
+        calls = options.get(CALLS_KEY)
+        if calls is not None:
+            calls.check_all_made()
+        return output
 
-
+    @property
+    def _var_keyword(self):
+        return next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)

@@ -3,6 +3,7 @@ selected blocks' joint attention and plain attention elsewhere, always through t
 before (another pack's attention backend), so it is never dropped."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from .. import core, dit
@@ -45,7 +46,13 @@ class DiTAttentionOverride:
         block_type, block_index = options.get("block_type"), options.get("block_index")
         if layout is None or block_type is None or block_index is None:
             return None
-        return (str(block_type), int(block_index), 0), layout[0], layout[1]
+        image, trailing = layout
+        text = tokens - image - trailing  # [text (maybe longer than the prompt), image, reference images]
+        if text < 0:
+            raise PatchError(f"StoryDiffusion: a {block_type} block attends over {tokens} tokens, fewer than the {image} "
+                             f"image and {trailing} reference-image tokens of the model call (another patch changed the "
+                             "tokens?): cannot place the image tokens")
+        return (str(block_type), int(block_index), 0), text, image
 
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
@@ -73,6 +80,10 @@ class DiTAttentionOverride:
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, layer):
             return self.attend(func, q, k, v, heads, *args, **kwargs)
+        run.reach(step, layer)
+        calls = options.get(CALLS_KEY)
+        if calls is not None:
+            calls.used = True
         sampled = core.sample_panel_tokens(image, config.rate, config.seed, step, layer_ordinal(layer), rows)
         if not skip:  # [rows, tokens, heads*dim] (v may be [rows, tokens, heads, dim]) -> [rows, heads, tokens, dim]
             q4, k4, v4 = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -92,7 +103,7 @@ class DiTAttentionOverride:
             return self.attend(func, qq, kk, vv, heads, mask=panel_mask, skip_reshape=True, **rest)
 
         return dit.joint_consistent_attention(q4, k4, v4, chunks=chunks, text_tokens=text, image_tokens=image,
-                                              share=share, sampled=sampled, window=config.window,
+                                              share=share, sampled=sampled, window=run.window(config),
                                               mask=mask, bank=bank, attention=kernel)
 
     @staticmethod
@@ -119,7 +130,10 @@ def patch_dit(model, family: DiTFamily):
     options[OVERRIDE_SLOT] = DiTAttentionOverride(previous)
     wrappers = comfy.patcher_extension.WrappersMP
     patched.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, DiTTokenLayout(family))
-    family.install(patched, model.model.diffusion_model)
+    diffusion_model = model.model.diffusion_model
+    forward = getattr(diffusion_model, "_forward", None) or diffusion_model.forward  # MMDiT has no _forward (and no wrapper)
+    layout = DiTTokenLayout(family, inspect.signature(forward))
+    patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, layout)
+    family.install(patched, diffusion_model)
     return patched
 

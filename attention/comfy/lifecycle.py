@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ...common.roles import CFG_ROLES, chunk_roles
-from ..run import CONFIG_KEY, MODE_READ, MODE_WRITE, RUN_KEY, CSAConfig, RunState, planned_steps
+from ..run import CONFIG_KEY, MODE_READ, MODE_WRITE, RUN_KEY, CSAConfig, PatchError, RunState, planned_steps
 
 WRAPPER_KEY = "storydiffusion_csa"
 
@@ -87,6 +87,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
         output = executor(*args, **kwargs)
+        unreached = run.unreached_message(config)
+        if unreached is not None and run.writer is not None:
+            raise PatchError(unreached + " Nothing was written to the identity bank.")
+        if unreached is not None:
+            logging.warning(unreached)
         if run.writer is not None:
             run.writer.commit()
             logging.info("StoryDiffusion: %s", config.bank.describe())

@@ -129,6 +129,7 @@ class LayerReplace:
         step = run.step_of(sigma)
         if not config.schedule.active(step, sigma, self.layer):
             return self.plain(q, k, v, extra_options)
+        run.reach(step, self.layer)
         rate = config.rate_high_res if self.high_res else config.rate
         tokens = k.shape[1]
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), rows)
@@ -139,7 +140,7 @@ class LayerReplace:
         if nothing_shared and (bank is None or not bool(bank.reads.any())):
             return self.plain(q, k, v, extra_options)
         return core.consistent_attention(q, k, v, extra_options["n_heads"], chunks=chunks, share=share,
-                                         sampled=sampled, window=config.window, bank=bank,
+                                         sampled=sampled, window=run.window(config), bank=bank,
                                          attention=glue.comfy_attention(extra_options))
 
 
