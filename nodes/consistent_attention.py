@@ -51,16 +51,19 @@ class ConsistentSelfAttention:
                 "layers": (list(s.LAYER_CHOICES), {"default": s.LAYERS_OUTPUT,
                                                    "tooltip": "Which self-attention layers share: the up/output blocks only "
                                                               "(official), all blocks, or the custom list below. On a DiT "
-                                                              "'official' means the later half of the network (Flux.1: "
-                                                              "double 10-18 + every single block; SD3.5 Large: double "
-                                                              "19-37; Qwen-Image: double 30-59; Z-Image: single 15-29)."}),
+                                                              "'official' means each family's default: Flux.1/Chroma "
+                                                              "single 11-37 (Story2Board; CharaConsist shares only in "
+                                                              "single blocks), HiDream I1 single 16-31, SD3.5 Large "
+                                                              "double 19-37, Qwen-Image double 30-59, Z-Image single "
+                                                              "15-29 (the later half of the stack)."}),
                 "custom_layers": ("STRING", {"default": "output 3-11", "multiline": False,
                                              "tooltip": "Used when layers is 'custom list': comma-separated entries like "
                                                         "'output 3-11', 'middle', 'input 7', 'output 0.1' (block.index in an "
                                                         "SDXL stack). SD1.5: input 1,2,4,5,7,8, middle, output 3-11; SDXL: "
-                                                        "input 4,5,7,8, middle, output 0-5. DiTs: 'double 10-18, single "
-                                                        "0-37' (Flux.1 has double 0-18, single 0-37; Lumina 2/Z-Image "
-                                                        "layers are 'single'). Shown only when layers is 'custom list'."}),
+                                                        "input 4,5,7,8, middle, output 0-5. DiTs: 'single 11-37' or "
+                                                        "'double 10-18, single 0-37' (Flux.1 has double 0-18, single "
+                                                        "0-37; Lumina 2/Z-Image layers are 'single'). Shown only when "
+                                                        "layers is 'custom list'."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Sharing starts at this fraction of the sampling (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
