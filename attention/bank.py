@@ -8,15 +8,22 @@ What is stored is what the official code stores: the *hidden states entering att
 before to_k/to_v) of the tokens each identity panel shares, one tensor [panels, tokens, channels]
 per (step, layer, role). A read projects them with the layer's own to_k/to_v (the projections are
 per token, so this is exact), which halves the bytes against storing keys and values. Options:
-- dtype fp16 / bf16 / fp32, or fp8 (e4m3, half of fp16: LayerNorm outputs stay far inside its
-  +-448 range, its 3 mantissa bits give at most 6.25% relative error per value);
+- dtype fp16 / bf16 / fp32, or fp8 (e4m3, half of fp16; LayerNorm outputs stay far inside its +-448
+  range). fp8's 3 mantissa bits keep a value within 6.25% only in its normal range (|x| >= 2^-6); below,
+  the error is up to 2^-10 ~ 0.001 absolute (0.003 -> 0.0039, 0.0009 -> 0), so the bound is
+  max(6.25% of |x|, 0.001) per value (bank_format.py);
 - only (step, layer) pairs at which the schedule lets a read use the bank are written;
 - reads stream one step at a time: a loaded bank is memory-mapped and each step's tensors are
-  read (and, with storage "device", moved to the sampling device) when that step starts, so a
-  read run's memory does not grow with the number of steps;
+  read (and, with storage "device", moved to the sampling device; with "cpu" and a CUDA device, pinned
+  so every layer's copy is asynchronous) when that step starts, so a read run's memory does not grow
+  with the number of steps; `release()` drops that step when the run ends;
 - `keep`: a write run keeps the bank in memory, or writes each finished step to a file on disk
   ("disk"; one step in memory at a time), or decides after its first step ("auto": memory when the
-  whole bank fits in free memory, else disk). A spilled bank reads like a loaded one.
+  whole bank fits in free memory, else disk). A spilled bank reads like a loaded one; its step files
+  go with the bank (clear(), a rewrite, or the bank object being dropped).
+- the bank records what a read must match: the step schedule, the model kind, the token count of every
+  layer and, when the glue gives them, the latent's token grid (rows, columns) and a fingerprint of
+  the writing model (compared by `writer_mismatch`, for a warning).
 
 Roles name the chunks of a model call: "positive", "negative" and, under DualCFGGuider, "middle".
 
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import torch
@@ -54,7 +60,7 @@ from .bank_format import (
     parse_layer,
     parse_prefix,
 )
-from .bank_store import copy_bank_file, looks_like_bank_file, read_bank_file, read_tensors, save_bank_file
+from .bank_store import SpillFolder, copy_bank_file, looks_like_bank_file, read_bank_file, read_tensors, save_bank_file
 from .bank_writer import BankWriter
 
 # names callers import from here (the nodes, the ComfyUI glue, tests, benches): the bank's one public module
@@ -80,16 +86,16 @@ class IdentityBank:
         self.storage = storage  # where the current step's tokens live during a read
         self.dtype_name = dtype
         self.keep = keep  # where a write run keeps the bank
-        self.spill_folder: str | None = None
+        self.spill: SpillFolder | None = None  # the step files of a bank kept on disk (its own)
         self.clear()
 
     def __deepcopy__(self, memo):
         return self
 
     def clear(self):
-        if self.spill_folder is not None:  # the step files of a spilled bank are this bank's own
-            shutil.rmtree(self.spill_folder, ignore_errors=True)
-        self.spill_folder = None
+        if self.spill is not None:
+            self.spill.remove()
+        self.spill = None
         self.entries: dict = {}  # key -> (stored, scale) for a bank in memory
         self.file_keys: dict = {}  # key -> (file, tensor name prefix): read from files, step by step
         self.panels: tuple[int, ...] = ()
@@ -97,7 +103,19 @@ class IdentityBank:
         self.sample_sigmas: tuple[float, ...] = ()
         self.layer_tokens: dict = {}  # layer -> full token count at write (resolution check)
         self.content: str = HIDDEN_STATES  # what the tensors are (see the module docstring)
-        self._step_cache: tuple = (None, None, None, {})  # (step, device, dtype, {key: decoded})
+        self.grid: tuple[int, int] | None = None  # the write's latent token grid (rows, columns); None: not recorded
+        self.fingerprint: str | None = None  # the writing model, as the glue describes it; None: not recorded
+        self.release()
+
+    def release(self):
+        """Drop the decoded step a read keeps (on the GPU with storage "device", in pinned memory with "cpu"):
+        called when a read run ends, so it does not sit outside ComfyUI's memory management during VAE decode
+        and the next model load. The next read decodes its steps again."""
+        self._step_cache: tuple = (None, None, None, {}, False)  # (step, device, dtype, {key: decoded}, pinned)
+
+    @property
+    def spill_folder(self) -> str | None:
+        return None if self.spill is None else self.spill.path
 
     @property
     def empty(self) -> bool:
@@ -111,8 +129,24 @@ class IdentityBank:
         return sorted({path for path, _ in self.file_keys.values()})
 
     def nbytes(self) -> int:
+        self._check_files(self.files())
         return sum(os.path.getsize(path) for path in self.files()) + sum(
             entry_bytes(t, s) for t, s in self.entries.values())
+
+    def _check_files(self, paths):
+        """A BankError saying what happened and what to do when files the bank reads from are gone."""
+        if all(os.path.isfile(path) for path in paths):
+            return
+        missing = [path for path in self.files() if not os.path.isfile(path)] or list(paths)
+        if self.spill is not None:
+            raise BankError(
+                f"the identity bank kept on disk lost {len(missing)} of its {len(self.files())} step files in "
+                f"{self.spill.path} (ComfyUI empties its temp folder when it starts: another ComfyUI on this "
+                f"install, or a cleanup, removed them). Run the identity panels through 'Identity Bank Write "
+                f"(StoryDiffusion)' again; to keep a bank across ComfyUI starts, save it with 'Save Identity Bank "
+                f"(StoryDiffusion)' and load it with 'Load Identity Bank (StoryDiffusion)'.")
+        raise BankError(f"the identity bank file {missing[0]} is gone (moved or deleted since it was loaded): load "
+                        f"it again with 'Load Identity Bank (StoryDiffusion)', or write the bank again")
 
     def describe(self) -> str:
         if self.empty:
@@ -126,20 +160,24 @@ class IdentityBank:
 
     def begin_write(self, panels: Sequence[int], characters, sample_sigmas: Sequence[float],
                     content: str = HIDDEN_STATES, planned_steps=None, memory_limit: int | None = None,
-                    spill_parent: str | None = None, disk_limit: int | None = None) -> BankWriter:
+                    spill_parent: str | None = None, disk_limit: int | None = None,
+                    grid: Sequence[int] | None = None, fingerprint: str | None = None) -> BankWriter:
         """A writer for one run. `planned_steps(layer)`: how many steps of the run will write `layer`;
         `memory_limit` / `disk_limit`: bytes of free memory / disk the bank may take; `spill_parent`: where a bank
-        kept on disk gets its folder (see BankWriter)."""
+        kept on disk gets its folder (see BankWriter); `grid`: the latent's token grid (rows, columns), which a
+        read must match (check_run); `fingerprint`: the writing model, compared by writer_mismatch. The bank
+        changes only when the writer commits; discard() leaves it as it was."""
         return BankWriter(self, tuple(int(p) for p in panels),
                           None if characters is None else tuple(tuple(c) for c in characters),
                           tuple(float(s) for s in sample_sigmas), content, planned_steps, memory_limit,
-                          spill_parent, disk_limit)
+                          spill_parent, disk_limit, grid=_grid(grid), fingerprint=fingerprint)
 
     # ---------------------------------------------------------------------------------------------
     # reading
 
-    def check_run(self, sample_sigmas: Sequence[float], content: str = HIDDEN_STATES):
-        """Raise a BankError unless this bank was written by the same kind of model with the same sampling schedule."""
+    def check_run(self, sample_sigmas: Sequence[float], content: str = HIDDEN_STATES, grid: Sequence[int] | None = None):
+        """Raise a BankError unless this bank was written by the same kind of model with the same sampling schedule
+        and, when both the bank and the run know it, the same latent token grid (rows, columns)."""
         if self.empty:
             raise BankError("the identity bank is empty: run a KSampler on the MODEL of 'Identity Bank Write "
                             "(StoryDiffusion)' first (connect its LATENT output to the 'after' input of the read node), or load a bank")
@@ -153,6 +191,24 @@ class IdentityBank:
         if any(abs(a - b) > 1e-3 * max(1.0, abs(b)) for a, b in zip(sigmas, self.sample_sigmas)):
             raise BankError("the identity bank was written with another noise schedule (same step count, different "
                             "sigmas): use the same scheduler and denoise as the identity run")
+        grid = _grid(grid)
+        if grid is not None and self.grid is not None and grid != self.grid:
+            same = grid[0] * grid[1] == self.grid[0] * self.grid[1]
+            raise BankError(
+                f"the identity bank was written at a latent grid of {self.grid[0]}x{self.grid[1]} tokens (rows x "
+                f"columns), this run's is {grid[0]}x{grid[1]}"
+                + (" (the same number of tokens in another shape: each token belongs to a place in the picture)"
+                   if same else "") + ": use the identity run's width and height")
+
+    def writer_mismatch(self, fingerprint: str | None) -> str | None:
+        """Why the model reading this bank may not be the one that wrote it, or None (the same fingerprint, or one
+        side unknown, e.g. a bank saved before fingerprints). For a warning: a bank of another fine-tune or LoRA
+        set still reads, but it holds what the writing model computed."""
+        if fingerprint is None or self.fingerprint is None or fingerprint == self.fingerprint:
+            return None
+        return (f"the identity bank was written by another model than the one reading it (writer {_short(self.fingerprint)}, "
+                f"reader {_short(fingerprint)}): other weights or LoRAs make the bank tokens fit this model less; "
+                f"write the bank with the model (and LoRAs) you read it with")
 
     def reads_for(self, rows: int, characters_of_rows=None) -> torch.Tensor:
         """[rows, bank panels] bool: which bank panels each row reads (shared character; all without a story)."""
@@ -165,9 +221,11 @@ class IdentityBank:
     def stored_tokens(self, step: int, layer, roles: Sequence[str], num_tokens: int, device=None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[chunks, bank panels, tokens, channels]: the stored tokens (UNet hidden states, or a DiT's keys and
-        values) for one layer call, one chunk per role.
+        values) for one layer call, one chunk per role, on `device` (None: where the bank keeps the step).
 
-        Tensors of one step are decoded (and moved) once and kept until the next step is asked for.
+        Tensors of one step are decoded (and moved) once and kept until the next step is asked for (or release()).
+        With storage "cpu" and a CUDA device they are kept in pinned memory and copied with non_blocking=True: a
+        copy from pageable memory would wait for all the GPU work queued before it, in every layer of every call.
         """
         written = self.layer_tokens.get(layer)
         if written is None:
@@ -177,23 +235,27 @@ class IdentityBank:
             raise BankError(f"the identity bank was written at another resolution ({written} tokens at layer "
                             f"{layer_name(layer)}, this run has {num_tokens}): use the identity run's width and height")
         target = torch.device("cpu") if self.storage == "cpu" or device is None else torch.device(device)
-        cached_step, cached_device, cached_dtype, cache = self._step_cache
-        if (cached_step, cached_device, cached_dtype) != (step, target, dtype):
-            cache = {}  # drop the previous step before loading this one
-            self._step_cache = (step, target, dtype, cache)
+        pin = pins_reads(self.storage, device)
+        cached_step, cached_device, cached_dtype, cache, cached_pin = self._step_cache
+        if (cached_step, cached_device, cached_dtype, cached_pin) != (step, target, dtype, pin):
+            self.release()  # drop the previous step before loading this one
+            cache = {}
+            self._step_cache = (step, target, dtype, cache, pin)
         out = []
         for role in roles:
             key = (int(step), layer, role)
             if key not in cache:
-                cache.update(self._load_step(int(step), target, dtype, wanted=key))
+                cache.update(self._load_step(int(step), target, dtype, wanted=key, pin=pin))
             if key not in cache:
                 raise BankError(f"the identity bank holds no {role} pass for step {step} layer {layer_name(layer)}: "
                                 f"write it with the same guider, cfg, schedule and start/end percent as this run "
                                 f"(cfg 1.0 skips the negative pass; the bank holds {sorted({k[2] for k in self.keys()})})")
             out.append(cache[key])
+        if device is not None and target != torch.device(device):  # storage "cpu" read by another device
+            out = [tokens.to(device, non_blocking=pin) for tokens in out]
         return torch.stack(out)
 
-    def _load_step(self, step: int, device, dtype, wanted) -> dict:
+    def _load_step(self, step: int, device, dtype, wanted, pin: bool = False) -> dict:
         keys = [k for k in self.keys() if k[0] == step]
         if wanted not in keys:
             return {}
@@ -203,7 +265,14 @@ class IdentityBank:
             if key in self.file_keys:
                 path, prefix = self.file_keys[key]
                 by_file.setdefault(path, []).append((key, prefix))
-        loaded.update(read_tensors(by_file, dtype, device))
+        self._check_files(by_file)
+        try:
+            loaded.update(read_tensors(by_file, dtype, device))
+        except FileNotFoundError:  # removed between the check and the read
+            self._check_files(by_file)
+            raise
+        if pin:
+            loaded = {key: tokens.pin_memory() for key, tokens in loaded.items()}
         return loaded
 
     # ---------------------------------------------------------------------------------------------
@@ -213,7 +282,8 @@ class IdentityBank:
         """Write a .safetensors file (atomically: a temp file renamed into place, with the umask's mode)."""
         if self.empty:
             raise BankError("the identity bank is empty: nothing to save (run the identity KSampler first)")
-        if not self.entries and self.spill_folder is None:  # a loaded bank is its file
+        self._check_files(self.files())
+        if not self.entries and self.spill is None:  # a loaded bank is its file
             copy_bank_file(self.files()[0], path)
             return
         header = {"panels": list(self.panels),
@@ -221,10 +291,16 @@ class IdentityBank:
                   "sample_sigmas": list(self.sample_sigmas),
                   "layer_tokens": {layer_name(k): n for k, n in self.layer_tokens.items()},
                   "dtype": self.dtype_name,
-                  "content": self.content}
+                  "content": self.content,
+                  "grid": None if self.grid is None else list(self.grid),
+                  "fingerprint": self.fingerprint}
         metadata = {"format": FORMAT, "bank": json.dumps(header)}
         # a bank on disk is streamed from its step files into one file, a tensor at a time
-        save_bank_file(path, metadata, self.entries, [(prefix, file) for file, prefix in self.file_keys.values()])
+        try:
+            save_bank_file(path, metadata, self.entries, [(prefix, file) for file, prefix in self.file_keys.values()])
+        except FileNotFoundError:  # a step file removed while saving
+            self._check_files(self.files())
+            raise
 
     @classmethod
     def load(cls, path: str, storage: str = "cpu") -> IdentityBank:
@@ -238,6 +314,8 @@ class IdentityBank:
             bank.sample_sigmas = tuple(header["sample_sigmas"])
             bank.layer_tokens = {parse_layer(k): int(n) for k, n in header["layer_tokens"].items()}
             bank.content = str(header.get("content", HIDDEN_STATES))
+            bank.grid = _grid(header.get("grid"))  # banks saved before the grid was recorded: the token count check
+            bank.fingerprint = None if header.get("fingerprint") is None else str(header["fingerprint"])
             for tensor_name in names:
                 if tensor_name.endswith("/h"):
                     prefix = tensor_name[:-2]
@@ -247,3 +325,21 @@ class IdentityBank:
         if bank.empty:
             raise BankError(f"identity bank {name} holds no tokens")
         return bank
+
+
+def pins_reads(storage: str, device) -> bool:
+    """Whether a read keeps its step in pinned host memory: storage "cpu" read by a CUDA device (see stored_tokens)."""
+    return (storage == "cpu" and device is not None and torch.device(device).type == "cuda"
+            and torch.cuda.is_available())
+
+
+def _grid(grid) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    if len(grid) != 2 or min(int(n) for n in grid) < 1:
+        raise BankError(f"a latent token grid is (rows, columns) of positive sizes, not {grid!r}")
+    return (int(grid[0]), int(grid[1]))
+
+
+def _short(fingerprint: str, limit: int = 48) -> str:
+    return repr(fingerprint if len(fingerprint) <= limit else fingerprint[:limit - 1] + "…")

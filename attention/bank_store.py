@@ -13,11 +13,32 @@ import math
 import os
 import shutil
 import struct
+import tempfile
+import weakref
 
 import torch
 
 from ..common.files import atomic_path
 from .bank_format import FORMAT, OLD_FORMATS, SAFETENSORS_DTYPES, BankError, decode, tensor_prefix
+
+
+class SpillFolder:
+    """The folder of step files of one bank kept on disk, owned by its writer and then by the bank it commits to.
+
+    `remove()` deletes it (a cleared, rewritten or discarded bank); dropping the owner without that (a widget
+    change makes a new bank, ComfyUI evicts its cache) deletes it too, through weakref.finalize rather than
+    __del__: a finalizer runs once, at collection or at interpreter exit, and needs no reference to the bank."""
+
+    def __init__(self, parent: str):
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix="bank-", dir=parent)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+    def step_file(self, step: int) -> str:
+        return os.path.join(self.path, f"step{step:04d}.safetensors")
+
+    def remove(self):
+        self._finalizer()
 
 
 def entry_tensors(entries: dict) -> dict:
@@ -100,7 +121,7 @@ def read_bank_file(path: str) -> tuple[dict, list]:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             names = list(f.keys())
-    except Exception as e:  # a truncated or foreign file
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: safetensors raises several error types)
         raise BankError(f"cannot read identity bank {name}: the file is damaged or not a safetensors file "
                         f"({type(e).__name__}). Save the bank again with 'Save Identity Bank (StoryDiffusion)'.") from None
     if meta.get("format") in OLD_FORMATS:
@@ -140,5 +161,5 @@ def looks_like_bank_file(path: str) -> bool:
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format") in (FORMAT, *OLD_FORMATS)
-    except Exception:
+    except Exception:  # noqa: BLE001 (whatever makes a file unreadable, it stays listed: see above)
         return True

@@ -120,9 +120,10 @@ class IdentityBankWrite:
             "dtype": (["fp16", "bf16", "fp32", "fp8"], {"default": "fp16",
                                                         "tooltip": "Precision of the stored tokens (UNets: hidden states; "
                                                                    "DiTs: keys and values, twice the bytes). fp16: what the "
-                                                                   "official code stores; fp8: half of that (e4m3, at most "
-                                                                   "6.25% relative error per value; DiT tokens with one "
-                                                                   "scale per tensor); fp32: exact."}),
+                                                                   "official code stores; fp8: half of that (e4m3: within "
+                                                                   "6.25% of a value from 2^-6 = 0.016 up, within 0.001 "
+                                                                   "below; DiT tokens with one scale per tensor); "
+                                                                   "fp32: exact."}),
         }, "optional": {
             "keep": (list(KEEP_CHOICES), {"default": "auto",
                                           "tooltip": "Where the write run keeps the bank. auto: in memory when it fits "
