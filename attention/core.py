@@ -17,8 +17,8 @@ story panel), so the same call gives the same tokens whatever the batch layout i
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ def mix_seed(*parts: int) -> int:
 
 def sampled_count(num_tokens: int, rate: float) -> int:
     """How many tokens of a panel the other panels read (fixed per layer, so lengths line up)."""
-    return max(0, min(num_tokens, int(round(num_tokens * float(rate)))))
+    return max(0, min(num_tokens, round(num_tokens * float(rate))))
 
 
 def sample_tokens(num_tokens: int, rate: float, seed: int, step: int, layer: int, panel: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ class BankTokens:
 
 def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, chunks: int,
                          share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
-                         bank: Optional[BankTokens] = None,
+                         bank: BankTokens | None = None,
                          attention: AttentionFn = multihead_attention) -> torch.Tensor:
     """Self-attention where each panel also reads sampled tokens of the panels it shares with.
 

@@ -16,17 +16,17 @@ chunk, and query panels are processed one at a time (one panel's K/V buffer at a
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from .core import BankTokens, mean_over_windows, panel_plan, to_device
 
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
-JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def sdpa_joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sdpa_joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference kernel: [rows, H, Nq, D] x [rows, H, Nk, D] -> [rows, Nq, H*D] (ComfyUI's output layout)."""
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]
@@ -35,8 +35,8 @@ def sdpa_joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
     return out.transpose(1, 2).reshape(rows, tokens, heads * dim)
 
 
-def _panel_mask(mask: Optional[torch.Tensor], chunks: int, panels: int, i: int,
-                columns: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _panel_mask(mask: torch.Tensor | None, chunks: int, panels: int, i: int,
+                columns: torch.Tensor | None) -> torch.Tensor | None:
     """The attention mask of panel i's rows, with a column for every appended key.
 
     A shared key at image position t of another panel takes the column of image position t of
@@ -52,7 +52,7 @@ def _panel_mask(mask: Optional[torch.Tensor], chunks: int, panels: int, i: int,
 
 def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,
                                image_tokens: int, share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
-                               mask: Optional[torch.Tensor] = None, bank: Optional[BankTokens] = None,
+                               mask: torch.Tensor | None = None, bank: BankTokens | None = None,
                                attention: JointAttentionFn = sdpa_joint) -> torch.Tensor:
     """Joint attention where each panel also reads sampled image tokens of the panels it shares with.
 

@@ -11,7 +11,6 @@ puts these objects into transformer_options and reads them back in its patches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -41,12 +40,12 @@ class CSAConfig:
     schedule: Schedule
     layers: tuple
     high_res_layers: frozenset
-    panel_characters: Optional[tuple] = None  # characters of every story panel; None: one group
-    identity_rows: Optional[tuple] = None  # story panels of the identity batch (write)
+    panel_characters: tuple | None = None  # characters of every story panel; None: one group
+    identity_rows: tuple | None = None  # story panels of the identity batch (write)
     mode: str = MODE_BATCH
-    bank: Optional[IdentityBank] = None
+    bank: IdentityBank | None = None
     first_panel: int = 0  # story panel of the first latent row (read)
-    read_rows: Optional[tuple] = None  # story panel of every latent row (read), e.g. panels 2 and 5
+    read_rows: tuple | None = None  # story panel of every latent row (read), e.g. panels 2 and 5
     attn1: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> attn1 module
     family: str = "UNet"  # "UNet", or the DiT family the override serves (see DIT_FAMILIES)
 
@@ -82,7 +81,7 @@ class CSAConfig:
         """What this model's identity bank stores (attention/bank.py): UNet hidden states or DiT keys/values."""
         return HIDDEN_STATES if self.family == "UNet" else KEYS_VALUES + self.family
 
-    def characters_of(self, rows) -> Optional[list]:
+    def characters_of(self, rows) -> list | None:
         return None if self.panel_characters is None else [self.panel_characters[r] for r in rows]
 
     def share_for(self, rows) -> torch.Tensor:
@@ -106,13 +105,13 @@ class RunState:
     rows: tuple
     share: torch.Tensor
     roles: tuple = CFG_ROLES
-    bank_reads: Optional[torch.Tensor] = None
+    bank_reads: torch.Tensor | None = None
     writer: object = None
     sampler: str = ""  # the k-diffusion sampler function's name
     reported: int = -1  # the last step the sampler's callback reported (it fires after a step's first evaluation)
     evaluations_since_report: int = 0
-    step: Optional[int] = None  # the step of the evaluation in progress (None: decide by sigma)
-    sigma: Optional[float] = None  # the sigma of the evaluation in progress (read once, not per layer)
+    step: int | None = None  # the step of the evaluation in progress (None: decide by sigma)
+    sigma: float | None = None  # the sigma of the evaluation in progress (read once, not per layer)
     reached: set = field(default_factory=set)  # layers whose CSA patch ran at an active step (see unreached_message)
 
     def __deepcopy__(self, memo):
@@ -147,12 +146,12 @@ class RunState:
         """A selected layer's patch ran at an active step: CSA is really in this run's attention."""
         self.reached.add(layer)
 
-    def window(self, config: "CSAConfig") -> int:
+    def window(self, config: CSAConfig) -> int:
         """The sliding window of this run: none in a read run, whose panels share nothing with each other (each
         reads the bank), so every window would repeat the same work."""
         return 0 if self.bank_reads is not None else config.window
 
-    def unreached_message(self, config: "CSAConfig") -> Optional[str]:
+    def unreached_message(self, config: CSAConfig) -> str | None:
         """Why this finished run did not get Consistent Self-Attention everywhere it should, or None.
 
         A layer is due when the schedule makes it active at some step of this run; a due layer whose patch never

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from ..common.sigmas import SigmaWindow
 from .core import mix_seed
@@ -120,7 +120,7 @@ class Schedule:
     uses CSA with probability 0.7 before step 20 and 0.9 from step 20, a coin seeded by
     (seed, step, layer) so runs repeat exactly.
     """
-    window: SigmaWindow = SigmaWindow()
+    window: SigmaWindow = field(default_factory=SigmaWindow)
     official: bool = False
     seed: int = 0
 

@@ -65,7 +65,7 @@ def parse_colour(text: str) -> tuple[int, int, int]:
 def fit_image(image: Image.Image, box: Rect) -> tuple[Image.Image, Rect]:
     """The image scaled (aspect kept, no cropping) to fit inside box, and where it goes (centred)."""
     scale = min(box.w / image.width, box.h / image.height)
-    w, h = max(1, int(round(image.width * scale))), max(1, int(round(image.height * scale)))
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     w, h = min(w, box.w), min(h, box.h)
     resized = image if (w, h) == image.size else image.resize((w, h), Image.Resampling.LANCZOS)
     return resized, Rect(box.x + (box.w - w) // 2, box.y + (box.h - h) // 2, w, h)
@@ -94,7 +94,7 @@ def _caption_areas(rect: Rect, style: PageStyle, has_caption: bool) -> tuple[Rec
     """(picture area, caption box) of a panel rectangle."""
     if not has_caption:
         return rect, None
-    box_h = max(MIN_PANEL_PIXELS, int(round(rect.h * style.caption_fraction)))
+    box_h = max(MIN_PANEL_PIXELS, round(rect.h * style.caption_fraction))
     if style.caption_position == CAPTION_BELOW:
         picture = Rect(rect.x, rect.y, rect.w, rect.h - box_h)
         return picture, Rect(rect.x, rect.bottom - box_h, rect.w, box_h)

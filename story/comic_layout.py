@@ -203,4 +203,4 @@ def auto_page_height(page_w: int, margin: int, gutter: int, rows: int, cols: int
     if cell_w < MIN_PANEL_PIXELS:
         raise ComicError(f"{cols} columns do not fit on a {page_w} px wide page; use fewer columns or a wider page")
     cell_h = cell_w / image_aspect / (1.0 - caption_fraction)
-    return int(round(2 * margin + rows * cell_h + (rows - 1) * gutter))
+    return round(2 * margin + rows * cell_h + (rows - 1) * gutter)

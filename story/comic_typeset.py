@@ -92,7 +92,7 @@ class FontSet:
     def line_metrics(self, size: int) -> tuple[int, int]:
         """(ascent, line height) of the primary font."""
         ascent, descent = self.font(0, size).getmetrics()
-        return ascent, int(round((ascent + descent) * 1.15))
+        return ascent, round((ascent + descent) * 1.15)
 
     def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int, fill) -> None:
         """Draw one line with its left end at x and its baseline at y."""

@@ -9,20 +9,73 @@
 
 The plain run planning they share (CSAConfig, RunState, token arithmetic) is attention/run.py.
 """
-from ..run import (CALLS_KEY, CONFIG_KEY, MODE_BATCH, MODE_READ, MODE_WRITE, RUN_KEY, TOKENS_KEY, AttentionCalls, CSAConfig,
-                   PatchError, RunState)
+from ..run import (
+                   CALLS_KEY,
+                   CONFIG_KEY,
+                   MODE_BATCH,
+                   MODE_READ,
+                   MODE_WRITE,
+                   RUN_KEY,
+                   TOKENS_KEY,
+                   AttentionCalls,
+                   CSAConfig,
+                   PatchError,
+                   RunState,
+)
 from .bank_files import BANK_FOLDER, list_bank_files, load_bank_file, save_bank_file
-from .dit_families import (CHROMA, FLUX1, FLUX2, HIDREAM, LUMINA2, QWEN_IMAGE, SD3, SUPPORTED_FAMILIES, Z_IMAGE,
-                           DiTFamily, dit_family, unsupported_model_error)
+from .dit_families import (
+                   CHROMA,
+                   FLUX1,
+                   FLUX2,
+                   HIDREAM,
+                   LUMINA2,
+                   QWEN_IMAGE,
+                   SD3,
+                   SUPPORTED_FAMILIES,
+                   Z_IMAGE,
+                   DiTFamily,
+                   dit_family,
+                   unsupported_model_error,
+)
 from .dit_override import OVERRIDE_SLOT, DiTAttentionOverride
 from .lifecycle import start_run
 from .patch import config_of, patch_model, with_bank
 from .unet import LayerReplace, unet_layers
 
 __all__ = [
-    "CALLS_KEY", "CONFIG_KEY", "RUN_KEY", "TOKENS_KEY", "AttentionCalls", "MODE_BATCH", "MODE_READ", "MODE_WRITE", "CSAConfig", "RunState", "PatchError",
-    "BANK_FOLDER", "list_bank_files", "load_bank_file", "save_bank_file",
-    "CHROMA", "FLUX1", "FLUX2", "HIDREAM", "LUMINA2", "QWEN_IMAGE", "SD3", "SUPPORTED_FAMILIES", "Z_IMAGE",
-    "DiTFamily", "dit_family", "unsupported_model_error", "OVERRIDE_SLOT", "DiTAttentionOverride",
-    "start_run", "config_of", "patch_model", "with_bank", "LayerReplace", "unet_layers",
+                   "BANK_FOLDER",
+                   "CALLS_KEY",
+                   "CHROMA",
+                   "CONFIG_KEY",
+                   "FLUX1",
+                   "FLUX2",
+                   "HIDREAM",
+                   "LUMINA2",
+                   "MODE_BATCH",
+                   "MODE_READ",
+                   "MODE_WRITE",
+                   "OVERRIDE_SLOT",
+                   "QWEN_IMAGE",
+                   "RUN_KEY",
+                   "SD3",
+                   "SUPPORTED_FAMILIES",
+                   "TOKENS_KEY",
+                   "Z_IMAGE",
+                   "AttentionCalls",
+                   "CSAConfig",
+                   "DiTAttentionOverride",
+                   "DiTFamily",
+                   "LayerReplace",
+                   "PatchError",
+                   "RunState",
+                   "config_of",
+                   "dit_family",
+                   "list_bank_files",
+                   "load_bank_file",
+                   "patch_model",
+                   "save_bank_file",
+                   "start_run",
+                   "unet_layers",
+                   "unsupported_model_error",
+                   "with_bank",
 ]

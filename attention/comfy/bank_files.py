@@ -27,12 +27,16 @@ def save_bank_file(bank: IdentityBank, filename_prefix: str) -> str:
     Load Identity Bank lists it; returns the name the loader shows."""
     import folder_paths
 
-    folder = glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)[0]
+    folder = os.path.abspath(glue.model_folder(BANK_FOLDER, BANK_EXTENSIONS)[0])
     prefix = (filename_prefix or "").strip() or "bank"
+    inside = os.path.abspath(os.path.join(folder, os.path.dirname(os.path.normpath(prefix))))
+    if os.path.isabs(prefix) or os.path.commonpath((folder, inside)) != folder:
+        raise BankError(f"filename_prefix {prefix!r} must stay inside models/{BANK_FOLDER} (no '..' or absolute paths)")
     try:
         target, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
-    except Exception:
-        raise BankError(f"filename_prefix {prefix!r} must stay inside models/{BANK_FOLDER} (no '..' or absolute paths)") from None
-    file = f"{name}_{counter:05}_.safetensors"
-    bank.save(os.path.join(target, file))
+        file = f"{name}_{counter:05}_.safetensors"
+        bank.save(os.path.join(target, file))
+    except OSError as e:  # permissions, a full disk: say where, never a bare traceback
+        raise BankError(f"could not save the identity bank into {folder}: {e.strerror or e}. Free disk space or fix "
+                        "the folder's permissions, then queue again") from None
     return f"{subfolder}/{file}" if subfolder else file

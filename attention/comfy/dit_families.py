@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional
 
 from ..run import CALLS_KEY, CONFIG_KEY, TOKENS_KEY, AttentionCalls, PatchError, patched_image_tokens
 
@@ -219,7 +218,7 @@ def unsupported_model_error(model) -> PatchError:
                       f"whose attention this pack cannot reach. Load one of those.")
 
 
-def dit_family(model_patcher) -> Optional[DiTFamily]:
+def dit_family(model_patcher) -> DiTFamily | None:
     """The supported DiT family of a MODEL, or None for anything else (a UNet, or unsupported)."""
     model = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
     if model is None:

@@ -4,7 +4,6 @@ before (another pack's attention backend), so it is never dropped."""
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 from .. import core, dit
 from ..bank import BankError
@@ -39,7 +38,7 @@ class DiTAttentionOverride:
     @staticmethod
     def locate(options: dict, tokens: int):
         """(layer, tokens before the image, image tokens) of this call, or None when it is no panel's joint attention."""
-        calls: Optional[AttentionCalls] = options.get(CALLS_KEY)
+        calls: AttentionCalls | None = options.get(CALLS_KEY)
         if calls is not None:
             return calls.next(tokens)
         layout = options.get(TOKENS_KEY)
@@ -56,8 +55,8 @@ class DiTAttentionOverride:
 
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        config: Optional[CSAConfig] = options.get(CONFIG_KEY)
-        run: Optional[RunState] = options.get(RUN_KEY)
+        config: CSAConfig | None = options.get(CONFIG_KEY)
+        run: RunState | None = options.get(RUN_KEY)
         skip = bool(kwargs.get("skip_reshape", False))
         if config is None or run is None or len(args) > 1 or (q.ndim, skip) not in ((4, True), (3, False)):
             return self.attend(func, q, k, v, heads, *args, **kwargs)  # not a joint attention of a sampled panel batch

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Optional
 
 import torch
 
@@ -14,6 +13,7 @@ from ...common.roles import CFG_ROLES, chunk_roles
 from ..run import CONFIG_KEY, MODE_READ, MODE_WRITE, RUN_KEY, CSAConfig, PatchError, RunState, planned_steps
 
 WRAPPER_KEY = "storydiffusion_csa"
+log = logging.getLogger(__name__)
 
 # share of the CPU memory (disk space) free when a write run starts that its identity bank may fill (the rest
 # stays for the model, the latents and everything else the process holds)
@@ -29,7 +29,7 @@ def bank_spill_parent() -> str:
     return os.path.join(folder_paths.get_temp_directory(), BANK_SPILL_FOLDER)
 
 
-def bank_disk_limit(folder: str) -> Optional[int]:
+def bank_disk_limit(folder: str) -> int | None:
     """Bytes a bank kept on disk may take: BANK_DISK_SHARE of the free space where `folder` is (or will be)."""
     probe = folder
     while probe and not os.path.isdir(probe):
@@ -40,13 +40,13 @@ def bank_disk_limit(folder: str) -> Optional[int]:
         return None
 
 
-def bank_memory_limit() -> Optional[int]:
+def bank_memory_limit() -> int | None:
     """Bytes a write run's bank may take: BANK_MEMORY_SHARE of the free CPU memory as ComfyUI sees it."""
     import comfy.model_management
 
     try:
         free = comfy.model_management.get_free_memory(torch.device("cpu"))
-    except Exception:  # a ComfyUI that cannot tell: no limit, as before
+    except Exception:  # noqa: BLE001 (any failure of a ComfyUI that cannot tell means: no limit, as before)
         return None
     return int(free * BANK_MEMORY_SHARE) if free else None
 
@@ -91,10 +91,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if unreached is not None and run.writer is not None:
             raise PatchError(unreached + " Nothing was written to the identity bank.")
         if unreached is not None:
-            logging.warning(unreached)
+            log.warning(unreached)
         if run.writer is not None:
             run.writer.commit()
-            logging.info("StoryDiffusion: %s", config.bank.describe())
+            log.info("StoryDiffusion: %s", config.bank.describe())
         return output
     except BaseException:
         if run.writer is not None:

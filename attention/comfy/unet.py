@@ -3,8 +3,6 @@
 attn1 *patch* that records the sampled hidden states entering attn1 — what the bank stores."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ...common import comfy_adapter as glue
@@ -63,8 +61,8 @@ class BankWriteTap:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        config: Optional[CSAConfig] = extra_options.get(CONFIG_KEY)
-        run: Optional[RunState] = extra_options.get(RUN_KEY)
+        config: CSAConfig | None = extra_options.get(CONFIG_KEY)
+        run: RunState | None = extra_options.get(RUN_KEY)
         block = extra_options.get("block")
         if config is None or run is None or run.writer is None or block is None:
             return n, context, value
@@ -118,8 +116,8 @@ class LayerReplace:
         return core.BankTokens(attn1.to_k(hidden), attn1.to_v(hidden), run.bank_reads)
 
     def __call__(self, q, k, v, extra_options):
-        config: Optional[CSAConfig] = extra_options.get(CONFIG_KEY)
-        run: Optional[RunState] = extra_options.get(RUN_KEY)
+        config: CSAConfig | None = extra_options.get(CONFIG_KEY)
+        run: RunState | None = extra_options.get(RUN_KEY)
         if config is None or run is None:  # a model call outside a sampling run (or our wrapper is gone)
             return self.plain(q, k, v, extra_options)
         kinds = list(extra_options.get("cond_or_uncond") or [0])
