@@ -50,6 +50,29 @@ class _ServerStub:
         pass
 
 
+def executor_cache_args(main_py: str | None = None) -> dict:
+    """`cache_args` for this ComfyUI's PromptExecutor: every key its own main.py passes, each 0 (no LRU entries, no
+    RAM-cache headroom; the in-process executor uses the classic cache, cache_type=False).
+
+    The keys differ by version and the executor reads them unguarded (0.3.75 and 0.8.0: "lru", "ram"; 0.29.0 adds
+    "ram_inactive"), and neither PromptExecutor's signature nor its defaults name them, so they are read from the
+    dict literal main.py hands to `execution.PromptExecutor(..., cache_args={...})`."""
+    import ast
+
+    main_py = main_py or os.path.join(comfy_path(), "main.py")
+    with open(main_py) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "PromptExecutor":
+            for kw in node.keywords:
+                if kw.arg == "cache_args" and isinstance(kw.value, ast.Dict):
+                    keys = [k.value for k in kw.value.keys if isinstance(k, ast.Constant)]
+                    if keys and len(keys) == len(kw.value.keys):
+                        return dict.fromkeys(keys, 0)
+    raise RuntimeError(f"{main_py} builds no PromptExecutor with a literal cache_args dict: update "
+                       "tests/harness.py executor_cache_args for this ComfyUI")
+
+
 class InProcessComfy:
     """Validates and executes prompts with ComfyUI's own executor, in this process."""
 
@@ -57,7 +80,7 @@ class InProcessComfy:
         import execution
 
         self.server = _ServerStub()
-        self.executor = execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        self.executor = execution.PromptExecutor(self.server, cache_type=False, cache_args=executor_cache_args())
 
     def run(self, prompt: dict) -> dict:
         """Execute; returns the history `outputs` ({node_id: ui dict}). Raises PromptFailed."""

@@ -75,3 +75,18 @@ def test_in_process_executor_runs_core_nodes(comfy, checkpoint_files, output_dir
     outputs = comfy.run(core_prompt(checkpoint_files("sd15"), seed=7, size=64, prefix="inproc"))
     (image,) = [i for o in outputs.values() for i in o.get("images", [])]
     assert os.path.exists(os.path.join(output_dir, image["subfolder"], image["filename"]))
+
+
+def test_executor_cache_args_cover_every_key_the_executor_reads():
+    """The in-process executor gets every cache_args key this ComfyUI's execution.py reads unguarded (0.29.0 added
+    "ram_inactive"), as main.py passes them: one missing key is a KeyError in every in-process prompt."""
+    import re
+
+    import harness
+    from comfy_env import comfy_path
+
+    with open(os.path.join(comfy_path(), "execution.py")) as f:
+        read = set(re.findall(r"""cache_args\[["'](\w+)["']\]""", f.read()))
+    args = harness.executor_cache_args()
+    assert {"lru", "ram"} <= set(args) and set(args.values()) == {0}, args
+    assert read <= set(args), f"execution.py reads {sorted(read - set(args))}, which main.py does not pass"
