@@ -207,6 +207,18 @@ REAL_WIDTH_SD15_UNET = {
 }
 
 
+def checkpoint_state_dict(model, clip, vae) -> dict:
+    """UNet + CLIP + VAE in the LDM checkpoint layout, by ComfyUI's own BaseModel.state_dict_for_saving. ComfyUI
+    0.29.0 takes the UNet's state dict as a new first argument (its ModelPatcher passes it in), where 0.3.75 and 0.8.0
+    read it themselves: pass it when the installed signature asks for it, so every version writes the same file."""
+    import inspect
+
+    extra = {}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        extra["unet_state_dict"] = model.diffusion_model.state_dict()
+    return model.state_dict_for_saving(clip_state_dict=clip.get_sd(), vae_state_dict=vae.get_sd(), **extra)
+
+
 def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
     """Like write_checkpoint("sd15") but with SD1.5's real level widths and res-block layout (shallow
     transformers): what AnimateDiff motion modules need. ~1.3 GB (fp16); write it once and cache it."""
@@ -221,7 +233,7 @@ def write_real_width_sd15_checkpoint(path: str, seed: int = 0) -> str:
     clip = comfy.sd.CLIP(config.clip_target({}))
     init_weights(clip.cond_stage_model, seed + 1)
     vae = make_vae(seed + 2)
-    sd = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    sd = checkpoint_state_dict(model, clip, vae)
     del model
     sd = {k: (v.half() if v.is_floating_point() and "position_ids" not in k else v).contiguous() for k, v in sd.items()}
     comfy.utils.save_torch_file(sd, path)
@@ -246,7 +258,7 @@ def write_checkpoint(path: str, family: str = "sd15", seed: int = 0) -> str:
     init_weights(clip.cond_stage_model, seed + 1)
     vae = make_vae(seed + 2)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    sd = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    sd = checkpoint_state_dict(model, clip, vae)
     sd = {k: (v.half() if v.is_floating_point() and "position_ids" not in k else v).contiguous() for k, v in sd.items()}
     del patcher
     comfy.utils.save_torch_file(sd, path)
