@@ -15,3 +15,4 @@ PREDICTOR_TYPE = "STORYDIFFUSION_MOTION_PREDICTOR"  # motion.comfy_adapter.Loade
 IPADAPTER_TYPE = "IPADAPTER"  # IPAdapter_plus's loader value: loaders interchange
 EMBEDS_TYPE = "EMBEDS"  # IPAdapter_plus's raw embedding tensor: [frames, D] pooled, [frames, T, D] penultimate
 PANELS_TYPE = "STORYDIFFUSION_PANELS"  # story.model.PanelSelection: the story panel of each selected row
+CONSISTENCY_REFERENCES_TYPE = "STORYDIFFUSION_CONSISTENCY_REFERENCES"  # tuple of consistency.score.CharacterReference

@@ -14,7 +14,7 @@ ADAPTER = "comfy_adapter.py"
 GLUE_PACKAGE = "comfy"  # a package whose glue holds several features keeps it in a comfy/ sub-package instead
 MAX_MODULE_LINES = 460  # a module past ~450 lines holds several features: split it
 # feature packages (plain torch + their ComfyUI glue) and the shared glue package
-PACKAGES = ("attention", "identity", "story", "motion", "ipadapter", "video", "wan", "common")
+PACKAGES = ("attention", "identity", "story", "motion", "ipadapter", "video", "wan", "consistency", "common")
 # top-level names that only exist inside a running ComfyUI
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "node_helpers",
                  "execution", "server", "latent_preview", "nodes", "app", "utils"}
