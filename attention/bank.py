@@ -195,9 +195,9 @@ class IdentityBank:
         if grid is not None and self.grid is not None and grid != self.grid:
             same = grid[0] * grid[1] == self.grid[0] * self.grid[1]
             raise BankError(
-                f"the identity bank was written at a latent grid of {self.grid[0]}x{self.grid[1]} tokens (rows x "
-                f"columns), this run's is {grid[0]}x{grid[1]}"
-                + (" (the same number of tokens in another shape: each token belongs to a place in the picture)"
+                f"the identity bank was written at another resolution: a latent of {self.grid[0]}x{self.grid[1]} "
+                f"(height x width), this run's is {grid[0]}x{grid[1]}"
+                + (" (the same size in another shape: each token belongs to a place in the picture)"
                    if same else "") + ": use the identity run's width and height")
 
     def writer_mismatch(self, fingerprint: str | None) -> str | None:

@@ -48,6 +48,7 @@ class CSAConfig:
     read_rows: tuple | None = None  # story panel of every latent row (read), e.g. panels 2 and 5
     attn1: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> attn1 module
     family: str = "UNet"  # "UNet", or the DiT family the override serves (see DIT_FAMILIES)
+    fingerprint: str | None = None  # the model writing or reading the bank (attention/comfy/fingerprint.py)
 
     def __deepcopy__(self, memo):
         return self
@@ -113,6 +114,8 @@ class RunState:
     step: int | None = None  # the step of the evaluation in progress (None: decide by sigma)
     sigma: float | None = None  # the sigma of the evaluation in progress (read once, not per layer)
     reached: set = field(default_factory=set)  # layers whose CSA patch ran at an active step (see unreached_message)
+    written_steps: set = field(default_factory=set)  # steps a bank write stored tokens for (see skipped_write_message)
+    evaluations: int = 0  # model evaluations so far (a bank writer tells a second chunk of a role from Heun's re-run)
 
     def __deepcopy__(self, memo):
         return self
@@ -135,6 +138,7 @@ class RunState:
     def start_evaluation(self, sigma: float):
         """Called once per model evaluation (PREDICT_NOISE wrapper), before its layer calls."""
         self.sigma = sigma
+        self.evaluations += 1
         if self.reported >= 0:
             self.evaluations_since_report += 1
             if self.evaluations_since_report <= self.extra_evaluations(self.reported):
@@ -175,6 +179,28 @@ class RunState:
         return (f"StoryDiffusion: Consistent Self-Attention ran in {len(due) - len(missing)} of the {len(due)} "
                 f"{config.family} layers it was to share in this run (never in: {shown}), so those panels were drawn "
                 f"without it. Likely cause: {causes}.")
+
+    def write(self, step: int, layer, roles, tokens: torch.Tensor, num_tokens: int) -> None:
+        """Hand one layer's sampled tokens of this evaluation to the bank writer."""
+        self.writer.put(step, layer, roles, tokens, num_tokens, evaluation=self.evaluations)
+        self.written_steps.add(step)
+
+    def skipped_write_message(self, config: CSAConfig) -> str | None:
+        """Why this finished write run's bank would miss steps a read will ask for, or None. A step the schedule
+        makes active that stored nothing means its model evaluation never ran: a cache node (EasyCache,
+        LazyCache, ...) reused an earlier output instead, and a read at that step would find no tokens."""
+        planned = planned_steps(config, self.sample_sigmas)
+        if not self.written_steps or not any(planned(layer) for layer in config.layers):
+            return None
+        due = {i for i in range(len(self.sample_sigmas) - 1)
+               for layer in config.layers if config.schedule.active(i, self.sample_sigmas[i], layer)}
+        missing = sorted(due - self.written_steps)
+        if not missing:
+            return None
+        return (f"StoryDiffusion: the identity bank write skipped steps {missing} of {len(self.sample_sigmas) - 1}: "
+                "their model evaluations never ran, so no tokens were stored for them (a cache node such as EasyCache "
+                "or LazyCache reuses earlier outputs). Remove the cache node from the identity write's MODEL (the "
+                "read runs may keep it). Nothing was written to the identity bank.")
 
     def report(self, i: int):
         self.reported, self.evaluations_since_report = int(i), 0

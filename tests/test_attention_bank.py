@@ -107,7 +107,7 @@ def test_a_read_at_another_grid_of_the_same_token_count_is_refused(bank_mod, tmp
     assert bank.grid == (8, 16)
     bank.check_run(SIGMAS, grid=(8, 16))
     bank.check_run(SIGMAS)  # a glue that does not know the grid: the token counts still decide
-    with pytest.raises(bank_mod.BankError, match=r"grid of 8x16 tokens .* this run's is 16x8 \(the same number"):
+    with pytest.raises(bank_mod.BankError, match=r"another resolution: a latent of 8x16 .* this run's is 16x8 \(the same size in another shape"):
         bank.check_run(SIGMAS, grid=(16, 8))
     with pytest.raises(bank_mod.BankError, match=r"8x16 .* 16x16: use the identity run's width and height"):
         bank.check_run(SIGMAS, grid=[16, 16])

@@ -90,7 +90,7 @@ class DiTAttentionOverride:
             q4, k4, v4 = q, k, v
         if run.writer is not None and sampled.shape[1] > 0:
             stored = dit.sampled_keys_values(k4, v4, chunks=chunks, text_tokens=text, sampled=sampled)
-            run.writer.put(step, layer, run.roles_of(kinds), stored, image)
+            run.write(step, layer, run.roles_of(kinds), stored, image)
         bank = self.bank_tokens(config, run, step, layer, kinds, image, heads, k4) if run.bank_reads is not None else None
         nothing_shared = sampled.shape[1] == 0 or not bool(share.any())
         if nothing_shared and (bank is None or not bool(bank.reads.any())):

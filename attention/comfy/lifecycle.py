@@ -52,7 +52,9 @@ def bank_memory_limit() -> int | None:
 
 
 
-def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = CFG_ROLES) -> RunState:
+def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = CFG_ROLES, grid=None) -> RunState:
+    """The state of one sampling run; `grid`: the latent's (height, width), which a bank read must share with its
+    write (equal token counts of another shape mix places in the picture)."""
     sigmas = tuple(float(s) for s in sample_sigmas)
     rows = config.rows_for(batch)
     run = RunState(sigmas, rows, config.share_for(rows), tuple(roles))
@@ -61,23 +63,28 @@ def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = CFG_R
         run.writer = config.bank.begin_write(rows, config.characters_of(rows), sigmas, config.bank_content,
                                              planned_steps=planned_steps(config, sigmas),
                                              memory_limit=bank_memory_limit(), spill_parent=spill_parent,
-                                             disk_limit=bank_disk_limit(spill_parent))
+                                             disk_limit=bank_disk_limit(spill_parent), grid=grid,
+                                             fingerprint=config.fingerprint)
     elif config.mode == MODE_READ:
-        config.bank.check_run(sigmas, config.bank_content)
+        config.bank.check_run(sigmas, config.bank_content, grid=grid)
         run.bank_reads = config.bank.reads_for(len(rows), config.characters_of(rows))
+        mismatch = config.bank.writer_mismatch(config.fingerprint)
+        if mismatch is not None:
+            log.warning("StoryDiffusion: %s", mismatch)
     return run
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Fresh RunState per sampling run (args: noise, latent, sampler, sigmas, denoise_mask, callback, ...);
-    counts the steps the sampler reports; commits or drops the bank write."""
+    counts the steps the sampler reports; commits or drops the bank write; a read drops its decoded step."""
     guider = executor.class_obj
     original = guider.model_options
     config = original.get("transformer_options", {}).get(CONFIG_KEY)
     if config is None:
         return executor(*args, **kwargs)
     noise, sigmas = args[0], args[3]
-    run = start_run(config, int(noise.shape[0]), sigmas.flatten().tolist(), chunk_roles(guider))
+    grid = tuple(int(n) for n in noise.shape[-2:])
+    run = start_run(config, int(noise.shape[0]), sigmas.flatten().tolist(), chunk_roles(guider), grid=grid)
     sampler_function = getattr(args[2], "sampler_function", None)
     run.sampler = getattr(sampler_function, "__name__", "")
     args, kwargs = count_steps(run, args, kwargs)
@@ -93,16 +100,20 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if unreached is not None:
             log.warning(unreached)
         if run.writer is not None:
+            skipped = run.skipped_write_message(config)
+            if skipped is not None:
+                raise PatchError(skipped)
             run.writer.commit()
             log.info("StoryDiffusion: %s", config.bank.describe())
         return output
     except BaseException:
         if run.writer is not None:
-            run.writer.discard()  # never leave a half-written bank (or its step files) behind
-            config.bank.clear()
+            run.writer.discard()  # the bank keeps what an earlier, finished write committed; no step files are left
         raise
     finally:
         guider.model_options = original
+        if config.mode == MODE_READ:
+            config.bank.release()  # the decoded step (on the device with storage 'device') goes with the run
 
 
 def count_steps(run: RunState, args: tuple, kwargs: dict):

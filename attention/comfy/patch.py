@@ -10,6 +10,7 @@ from ..run import CONFIG_KEY, MODE_READ, MODE_WRITE, CSAConfig, PatchError
 from ..schedule import Schedule, select_layers
 from .dit_families import dit_family
 from .dit_override import patch_dit
+from .fingerprint import model_fingerprint
 from .lifecycle import install_run_wrappers
 from .unet import BankWriteTap, patch_unet, unet_layers
 
@@ -72,7 +73,8 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=N
                              f"({story_len} panels): connect the 'panels' output of Select Story Panels of the same story")
     patched = model.clone()
     patched.model_options["transformer_options"][CONFIG_KEY] = dataclasses.replace(
-        config, mode=mode, bank=bank, first_panel=int(first_panel), read_rows=rows if mode == MODE_READ else None)
+        config, mode=mode, bank=bank, first_panel=int(first_panel), read_rows=rows if mode == MODE_READ else None,
+        fingerprint=model_fingerprint(model))
     if mode == MODE_WRITE and config.family == "UNet":  # DiTs: the attention override writes (it sees k/v only)
         patches = patched.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
         if not any(isinstance(p, BankWriteTap) for p in patches):

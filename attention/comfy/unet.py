@@ -81,7 +81,7 @@ class BankWriteTap:
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(layer), run.rows)
         index = sampled.to(context.device)[None, :, :, None].expand(chunks, -1, -1, dim)
         hidden = torch.gather(context.reshape(chunks, batch, tokens, dim), 2, index)
-        run.writer.put(step, layer, run.roles_of(kinds), hidden, tokens)
+        run.write(step, layer, run.roles_of(kinds), hidden, tokens)
         return n, context, value
 
 
