@@ -71,11 +71,17 @@ def with_bank(model, mode: str, bank: IdentityBank, first_panel: int = 0, rows=N
         if not rows or len(set(rows)) != len(rows) or (story_len is not None and max(rows) >= story_len):
             raise PatchError(f"the read panels {list(rows)} must be distinct story panels of this story "
                              f"({story_len} panels): connect the 'panels' output of Select Story Panels of the same story")
+    return bank_clone(model, dataclasses.replace(config, mode=mode, bank=bank, first_panel=int(first_panel),
+                                                 read_rows=rows if mode == MODE_READ else None))
+
+
+def bank_clone(model, config: CSAConfig):
+    """A clone of `model` carrying `config` (a bank mode) and the fingerprint of `model`; a UNet write also gets the
+    attn1 patch that records the hidden states (DiTs: the attention override writes, it sees k/v only)."""
     patched = model.clone()
-    patched.model_options["transformer_options"][CONFIG_KEY] = dataclasses.replace(
-        config, mode=mode, bank=bank, first_panel=int(first_panel), read_rows=rows if mode == MODE_READ else None,
-        fingerprint=model_fingerprint(model))
-    if mode == MODE_WRITE and config.family == "UNet":  # DiTs: the attention override writes (it sees k/v only)
+    config = dataclasses.replace(config, fingerprint=model_fingerprint(model))
+    patched.model_options["transformer_options"][CONFIG_KEY] = config
+    if config.mode == MODE_WRITE and config.family == "UNet":
         patches = patched.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
         if not any(isinstance(p, BankWriteTap) for p in patches):
             patched.set_model_attn1_patch(BankWriteTap())
