@@ -103,18 +103,31 @@ def test_video_output_is_accepted_by_core_save_video_and_get_video_components(co
     assert len(outputs["frames"]["images"]) == 3
 
 
-def test_progress_bar_reports_every_frame(comfy_nodes, output_dir):
+def test_progress_bar_reports_every_frame(comfy_nodes, output_dir, monkeypatch):
+    """The node moves its ProgressBar once per written frame. What reaches the UI hook is core's choice: 0.3.75 and
+    0.8.0 pass every update on; 0.29.0 drops updates closer than 100 ms to the last one sent, but always sends the
+    first and the final one (comfy/utils.py ProgressBar.update_absolute)."""
     import comfy.utils
 
-    calls = []
+    asked, shown = [], []
+
+    class SpyBar(comfy.utils.ProgressBar):  # core's own bar (and throttle), recording what the node asks of it
+        def update_absolute(self, value, total=None, preview=None):
+            asked.append((value, self.total if total is None else total))
+            super().update_absolute(value, total, preview)
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", SpyBar)  # the pack looks the class up when the node runs
     previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: shown.append((value, total)))
     try:
         node = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionVideoCombine"]()
         node.combine(torch.rand(5, 16, 16, 3), 8.0, "mp4", 80, 0, True, "vt/progress")
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    assert calls == [(i, 8) for i in range(1, 9)]  # ping-pong: 5 + 3 frames
+    assert asked == [(i, 8) for i in range(1, 9)]  # ping-pong: 5 + 3 frames, one update each
+    # the UI sees the first frame, then increasing counts of frames written, ending at the total
+    assert shown[:1] == [(1, 8)] and shown[-1:] == [(8, 8)], shown
+    assert shown == sorted(set(shown)) and set(shown) <= set(asked), shown
 
 
 # ---------------------------------------------------------------------------------------------------
