@@ -60,7 +60,12 @@ def test_tiny_umt5_loads_as_the_wan_text_encoder_with_its_own_tokenizer(umt5_hoo
     import comfy.utils
 
     sd = comfy.utils.load_torch_file(wan_fixtures.cached_umt5_tiny())
-    assert comfy.sd.detect_te_model(sd) == comfy.sd.TEModel.T5_XXL  # core detection: the real route
+    # core detection reads block 23's wi_1: 0.3.75 and 0.8.0 its width (d_model 4096, which the tiny file keeps), 0.29.0
+    # its d_ff (10240 in umt5-xxl, 8 here; else it builds a 768-wide T5-base). With umt5-xxl's d_ff there core says
+    # T5-XXL on every version; for the tiny file the hook says it (the load below builds the 24-block WanT5Model)
+    key = "encoder.block.23.layer.1.DenseReluDense.wi_1.weight"
+    assert sd[key].shape[-1] == 4096
+    assert comfy.sd.detect_te_model({**sd, key: torch.empty(10240, 4096, device="meta")}) == comfy.sd.TEModel.T5_XXL
     # the sizes that differ from umt5-xxl's (it keeps the 24 blocks detection looks for)
     assert umt5_hook.umt5_sizes(sd) == {"num_heads": 2, "d_kv": 4, "d_ff": 8, "vocab_size": 32000}
     clip = comfy.sd.load_clip([wan_fixtures.cached_umt5_tiny()], clip_type=comfy.sd.CLIPType.WAN)

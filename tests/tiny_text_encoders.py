@@ -22,7 +22,9 @@ What ComfyUI reads from the file and what it fixes (ComfyUI 0.3.75, comfy/sd.py 
   - T5-XXL: "encoder.block.23.layer.1.DenseReluDense.wi_1.weight" must exist with width 4096. The
     smallest real-width T5 file would carry a 32128 x 4096 embedding (> 250 MB), so the tiny T5 has 2
     blocks plus that one *marker* tensor (shape (1, 4096)); the 2-block model does not have that key,
-    so ComfyUI ignores it when loading ("clip unexpected", debug log only).
+    so ComfyUI ignores it when loading ("clip unexpected", debug log only). ComfyUI 0.29.0 reads the marker's
+    first dimension instead (T5-XXL's d_ff, 10240: an 80 MB marker): `load()` / `install_loader_hook()` detect a
+    file written here as T5-XXL by the older rule on every version (`_detect_t5xxl`).
   - CLIP-G: "text_model.encoder.layers.30..." must exist, so the tiny CLIP-G keeps its 32 layers.
   - Qwen2.5-VL 7B: the k_proj bias must be 512 wide (4 KV heads x 128): kept (hidden width stays tiny).
   - Qwen3-4B: presence of q_norm; Gemma-2: presence of post_feedforward_layernorm: kept.
@@ -277,6 +279,21 @@ def _detect_flux2():
     return _detect_first(rule)
 
 
+def _detect_t5xxl():
+    """Detection of the tiny T5 file as T5-XXL on every version: 0.3.75 and 0.8.0 take the 4096-wide marker's last
+    dimension (d_model); 0.29.0 reads its first dimension instead and wants T5-XXL's d_ff (10240), which no small file
+    can have (a 10240 x 4096 marker alone is 80 MB), and else takes the file for a 768-wide T5-base."""
+    import comfy.sd
+
+    def rule(sd):
+        marker = sd.get(T5_MARKER)
+        if marker is not None and marker.shape[-1] == 4096 and "encoder.block.0.layer.0.SelfAttention.k.weight" in sd:
+            return comfy.sd.TEModel.T5_XXL
+        return None
+
+    return _detect_first(rule)
+
+
 def _clip_type(clip_type):
     import comfy.sd
 
@@ -301,9 +318,10 @@ def _detect_qwen3_4b():
     return _detect_first(rule)
 
 
-def load_files(paths: list[str], clip_type, model_options: dict | None = None):
+def load_files(paths: list[str], clip_type, model_options: dict | None = None, *extra, **kwargs):
     """`comfy.sd.load_clip` on files written here, with their config overrides (what the loader nodes
-    do once `install_loader_hook()` is active)."""
+    do once `install_loader_hook()` is active). `extra` / `kwargs`: load_clip's newer arguments, passed on
+    (0.29.0's disable_dynamic, which its model patcher passes positionally when it reloads a CLIP)."""
     options = dict(model_options or {})
     kinds = [read_kind(p) for p in paths]
     for info in kinds:
@@ -311,9 +329,9 @@ def load_files(paths: list[str], clip_type, model_options: dict | None = None):
             options.setdefault(info["option"], dict(info["config"]))
     ctx = _detect_flux2() if any(i and i["kind"] == "mistral3_24b" for i in kinds) else contextlib.nullcontext()
     qwen3 = _detect_qwen3_4b() if any(i and i["kind"] == "qwen3_4b" for i in kinds) else contextlib.nullcontext()
-    with ctx, qwen3:
-        return _ORIGINAL_LOAD_CLIP[0](ckpt_paths=list(paths), embedding_directory=None,
-                                      clip_type=_clip_type(clip_type), model_options=options)
+    t5 = _detect_t5xxl() if any(i and i["kind"] == "t5xxl" for i in kinds) else contextlib.nullcontext()
+    with ctx, qwen3, t5:
+        return _ORIGINAL_LOAD_CLIP[0](list(paths), None, _clip_type(clip_type), options, *extra, **kwargs)
 
 
 _ORIGINAL_LOAD_CLIP: list = []
@@ -371,12 +389,11 @@ def install_loader_hook():
     original = _ORIGINAL_LOAD_CLIP[0]
 
     def load_clip(ckpt_paths, embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                  model_options=None):
+                  model_options=None, *extra, **kwargs):
         model_options = model_options or {}
         if not any(read_kind(p) for p in ckpt_paths):
-            return original(ckpt_paths, embedding_directory=embedding_directory, clip_type=clip_type,
-                            model_options=model_options)
-        return load_files(ckpt_paths, clip_type, model_options)
+            return original(ckpt_paths, embedding_directory, clip_type, model_options, *extra, **kwargs)
+        return load_files(ckpt_paths, clip_type, model_options, *extra, **kwargs)
 
     load_clip._tiny_original = original
     comfy.sd.load_clip = load_clip

@@ -11,14 +11,15 @@ What ComfyUI's loaders detect, and how small each file can be:
   own config, and Wan needs ViT-H's 1280-wide penultimate tokens (257 at 224 px). So the file is a full-size
   random ViT-H (0.63 B parameters, fp16), written once per machine into .harness/cache/wan.
 - text encoder (CLIPLoader type "wan"): comfy.sd detects umt5-xxl by `encoder.block.23...wi_1` with a 4096 input
-  and then builds it from umt5_config_xxl.json (5.7 B parameters), whatever the file's shapes; the tokenizer is the
+  (0.29.0: with umt5-xxl's d_ff, 10240 rows, which the test node below supplies for tiny files) and then builds
+  it from umt5_config_xxl.json (5.7 B parameters), whatever the file's shapes; the tokenizer is the
   sentencepiece model stored in the file itself (`spiece_model`, as in umt5_xxl_fp8_e4m3fn_scaled.safetensors).
   No file can make core ComfyUI build a smaller umt5, so the test server loads one test-only custom node,
   tests/comfy_test_nodes/storydiffusion_tiny_umt5 (`server_args`): it reads the umt5 sizes from a text encoder's
   state dict (ComfyUI's own model_options["umt5xxl_model_config"]) when they differ from umt5-xxl's. The file keeps
   umt5-xxl's layout (24 blocks, d_model 4096, per-block relative attention bias) with 2 heads of 4 and d_ff 8; its
   tokenizer is the sentencepiece model ComfyUI ships for T5-pile (32000 pieces), so the embedding has 32000 rows.
-  Everything else is ComfyUI's: the detection, WanT5Tokenizer, the T5 class, CLIPTextEncode.
+  Everything else is ComfyUI's: WanT5Tokenizer, the T5 class, CLIPTextEncode, and the detection up to 0.8.0.
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ Core ComfyUI builds a umt5 text encoder from umt5_config_xxl.json whatever the f
 so a tiny random umt5 cannot be loaded as it is. This wraps comfy.sd.load_text_encoder_state_dicts: when one text
 encoder state dict has umt5-xxl's layout (d_model 4096, per-block relative attention bias) but other sizes, the
 sizes read from its shapes go to ComfyUI's own override, model_options["umt5xxl_model_config"]. Real files are
-left alone (their sizes are the config's); detection, tokenizer, model class and encoding stay ComfyUI's.
+left alone (their sizes are the config's); tokenizer, model class and encoding stay ComfyUI's, and so does detection
+up to 0.8.0, which takes block 23's wi_1 of width 4096 for T5-XXL. ComfyUI 0.29.0 wants that tensor's first
+dimension to be umt5-xxl's d_ff (10240) and takes anything else for a 768-wide T5-base, so for a tiny umt5 (only)
+detection says T5-XXL, what it says for the real file.
 """
 import json
 import os
@@ -33,13 +36,19 @@ def umt5_sizes(sd) -> dict:
 
 
 def load_text_encoder_state_dicts(state_dicts=(), embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                                  model_options=None):
+                                  model_options=None, *extra, **kwargs):
+    """ComfyUI's loader; `extra` / `kwargs` are its newer arguments (0.29.0: disable_dynamic), passed on."""
     state_dicts, model_options = list(state_dicts), dict(model_options or {})
-    if len(state_dicts) == 1 and clip_type == comfy.sd.CLIPType.WAN:
-        sizes = umt5_sizes(state_dicts[0])
-        if sizes:
-            model_options = {**model_options, "umt5xxl_model_config": sizes}
-    return _load(state_dicts, embedding_directory=embedding_directory, clip_type=clip_type, model_options=model_options)
+    sizes = umt5_sizes(state_dicts[0]) if len(state_dicts) == 1 and clip_type == comfy.sd.CLIPType.WAN else {}
+    if not sizes:
+        return _load(state_dicts, embedding_directory, clip_type, model_options, *extra, **kwargs)
+    model_options = {**model_options, "umt5xxl_model_config": sizes}
+    detect = comfy.sd.detect_te_model
+    comfy.sd.detect_te_model = lambda sd: comfy.sd.TEModel.T5_XXL if sd is state_dicts[0] else detect(sd)
+    try:
+        return _load(state_dicts, embedding_directory, clip_type, model_options, *extra, **kwargs)
+    finally:
+        comfy.sd.detect_te_model = detect
 
 
 comfy.sd.load_text_encoder_state_dicts = load_text_encoder_state_dicts
