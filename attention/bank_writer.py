@@ -3,6 +3,7 @@ run completes, keeping them in memory or, step by step, in files on disk (see Ba
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,10 @@ class BankWriter:
     the finished steps to disk ("auto", "disk") or stop the run ("memory").
 
     A run the writer cannot store faithfully stops at once (BankError) rather than leave a bank that reads
-    wrong later: two chunks of one role in a model call, or one layer called at two token counts."""
+    wrong later: two chunks of one role in a model call, or one layer called at two token counts.
+
+    `put` may be called from several threads at once (ComfyUI's multi-GPU evaluates the positive and negative
+    chunks of one step concurrently, each on its own device): a lock of this writer (one per run) serialises it."""
 
     def __init__(self, bank, panels, characters, sample_sigmas, content: str = HIDDEN_STATES,
                  planned_steps=None, memory_limit: int | None = None, spill_parent: str | None = None,
@@ -51,6 +55,7 @@ class BankWriter:
         self.memory_bytes = 0  # bytes of self.entries
         self.entry_bytes: dict = {}  # (layer, role) -> bytes of one step's entry
         self.step: int | None = None  # the step the last put wrote
+        self.lock = threading.Lock()  # put from several threads (multi-GPU chunks of one evaluation)
         if bank.keep == "disk":
             self._start_spilling()
 
@@ -71,6 +76,11 @@ class BankWriter:
         first tokens (a second-order sampler evaluates a step twice); `evaluation` (optional, the glue's count of
         model evaluations) tells such a later evaluation from a second call of the same evaluation, which is a
         second chunk of a role that ComfyUI sent in a call of its own."""
+        with self.lock:
+            self._put(step, layer, roles, hidden, num_tokens, evaluation)
+
+    def _put(self, step: int, layer, roles: Sequence[str], hidden: torch.Tensor, num_tokens: int,
+             evaluation: int | None):
         self._check_call(layer, list(roles), int(num_tokens))
         if self.step is not None and step != self.step:
             self._step_done()

@@ -47,6 +47,7 @@ class CSAConfig:
     first_panel: int = 0  # story panel of the first latent row (read)
     read_rows: tuple | None = None  # story panel of every latent row (read), e.g. panels 2 and 5
     attn1: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> attn1 module
+    attn1_paths: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> its name in the UNet
     family: str = "UNet"  # "UNet", or the DiT family the override serves (see DIT_FAMILIES)
     fingerprint: str | None = None  # the model writing or reading the bank (attention/comfy/fingerprint.py)
 
@@ -116,6 +117,8 @@ class RunState:
     reached: set = field(default_factory=set)  # layers whose CSA patch ran at an active step (see unreached_message)
     written_steps: set = field(default_factory=set)  # steps a bank write stored tokens for (see skipped_write_message)
     evaluations: int = 0  # model evaluations so far (a bank writer tells a second chunk of a role from Heun's re-run)
+    clones: dict | None = None  # ComfyUI multi-GPU: device -> the patcher whose own model evaluates that device's chunks
+    modules: dict = field(default_factory=dict)  # (device, layer) -> attn1 module of that device's model (memo)
 
     def __deepcopy__(self, memo):
         return self
@@ -145,6 +148,20 @@ class RunState:
                 self.step = self.reported
                 return
         self.step = step_index(sigma, self.sample_sigmas)
+
+    def attn1_of(self, config: CSAConfig, layer, device=None):
+        """The attn1 module of `layer` in the model running this call. ComfyUI's multi-GPU (0.29+) evaluates the
+        chunks of a step concurrently on per-device deep clones of the model (transformer_options
+        ["multigpu_thread_device"] names the device): its layer is that clone's own module, with that device's
+        weights, never the main model's (config.attn1)."""
+        if device is None or not self.clones or device not in self.clones:
+            return config.attn1[layer]
+        key = (device, layer)
+        module = self.modules.get(key)
+        if module is None:  # a benign race: two threads resolve the same module
+            module = self.clones[device].model.diffusion_model.get_submodule(config.attn1_paths[layer])
+            self.modules[key] = module
+        return module
 
     def reach(self, step: int, layer) -> None:
         """A selected layer's patch ran at an active step: CSA is really in this run's attention."""

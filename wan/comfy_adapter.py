@@ -129,6 +129,30 @@ def per_frame_cross_attention_forward(self, x, context, context_img_len, transfo
     return self.o(x)
 
 
+def rebind_per_frame_forwards(main, clone) -> None:
+    """ON_DEEPCLONE_MULTIGPU / ON_MATCH_MULTIGPU_CLONES callback (ComfyUI 0.29+ multi-GPU): a per-device clone
+    carries the main patcher's object patches, whose forwards are bound to the main model's modules (its weights,
+    its device); bind them to the clone's own cross-attention modules."""
+    import comfy.utils
+
+    for key, patch in list(clone.object_patches.items()):
+        if getattr(patch, "__func__", None) is per_frame_cross_attention_forward:
+            module = comfy.utils.get_attr(clone.model, key.rsplit(".", 1)[0])
+            clone.object_patches[key] = types.MethodType(per_frame_cross_attention_forward, module)
+
+
+def install_multigpu_callbacks(patched) -> None:
+    """Register rebind_per_frame_forwards where this ComfyUI has multi-GPU model clones."""
+    import comfy.patcher_extension
+
+    callbacks = comfy.patcher_extension.CallbacksMP
+    for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES"):
+        kind = getattr(callbacks, name, None)
+        if kind is not None:
+            patched.remove_callbacks_with_key(kind, WRAPPER_KEY)
+            patched.add_callback_with_key(kind, WRAPPER_KEY, rebind_per_frame_forwards)
+
+
 def apply_per_frame_semantics(model, clip_vision_output, strength: float, install_at_zero: bool = False):
     """A clone of a Wan 2.1 I2V/FLF2V MODEL whose latent frame t attends to the image tokens of its own
     per-frame embedding (blended by strength). The input model is untouched; strength 0 = an unpatched clone
@@ -157,4 +181,5 @@ def apply_per_frame_semantics(model, clip_vision_output, strength: float, instal
                                     "apply it to the MODEL before that node, or leave one of them out.")
         module = model.get_model_object(f"diffusion_model.blocks.{i}.cross_attn")
         patched.add_object_patch(key, types.MethodType(per_frame_cross_attention_forward, module))
+    install_multigpu_callbacks(patched)
     return patched

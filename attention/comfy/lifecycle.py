@@ -134,9 +134,13 @@ def count_steps(run: RunState, args: tuple, kwargs: dict):
 
 
 def predict_noise_wrapper(executor, *args, **kwargs):
-    """PREDICT_NOISE wrapper: tells the run state that a model evaluation starts (args: x, timestep, ...)."""
-    run = executor.class_obj.model_options.get("transformer_options", {}).get(RUN_KEY)
+    """PREDICT_NOISE wrapper: tells the run state that a model evaluation starts (args: x, timestep, ...). Runs
+    once per evaluation on the sampling thread, also under ComfyUI's multi-GPU (whose worker threads only run the
+    chunks), so steps are counted once; it hands the run the per-device model clones of that multi-GPU."""
+    options = executor.class_obj.model_options
+    run = options.get("transformer_options", {}).get(RUN_KEY)
     if run is not None:
+        run.clones = options.get("multigpu_clones")
         run.start_evaluation(float(args[1].flatten()[0]))
     return executor(*args, **kwargs)
 

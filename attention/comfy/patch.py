@@ -42,11 +42,20 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
                        schedule=schedule, layers=tuple(layers), high_res_layers=frozenset(high_res),
                        panel_characters=panel_characters, identity_rows=identity_rows,
                        attn1={layer: attn1[layer] for layer in layers if layer in attn1},
+                       attn1_paths=module_paths(model, {layer: attn1[layer] for layer in layers if layer in attn1}),
                        family=family.name if family is not None else "UNet")
     patched = patch_dit(model, family) if family is not None else patch_unet(model, layers, high_res)
     patched.model_options["transformer_options"][CONFIG_KEY] = config
     install_run_wrappers(patched)
     return patched
+
+
+def module_paths(model, modules: dict) -> dict:
+    """layer -> the name of its module in the diffusion model (how a multi-GPU clone's own module is found)."""
+    if not modules:
+        return {}
+    names = {id(module): name for name, module in model.model.diffusion_model.named_modules()}
+    return {layer: names[id(module)] for layer, module in modules.items()}
 
 
 def config_of(model) -> CSAConfig:

@@ -12,6 +12,8 @@ from ..run import CONFIG_KEY, RUN_KEY, CSAConfig, PatchError, RunState
 from ..schedule import layer_ordinal
 from .dit_families import unsupported_model_error
 
+MULTIGPU_DEVICE = "multigpu_thread_device"  # ComfyUI 0.29+ multi-GPU: the device (and model clone) of this call
+
 
 def unet_layers(model_patcher) -> tuple[list, set, dict]:
     """All attn1 layer keys (kind, block, index) of the UNet, those at its highest resolution, and
@@ -105,13 +107,15 @@ class LayerReplace:
             return self.inner(q, k, v, extra_options)
         return glue.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
-    def bank_tokens(self, config: CSAConfig, run: RunState, step: int, kinds, tokens: int, k) -> core.BankTokens:
-        """The bank's hidden states for this call, projected by this layer's own to_k/to_v."""
+    def bank_tokens(self, config: CSAConfig, run: RunState, step: int, kinds, tokens: int, k,
+                    device_key=None) -> core.BankTokens:
+        """The bank's hidden states for this call, projected by this layer's own to_k/to_v (of the model on
+        `device_key`, ComfyUI multi-GPU's transformer_options["multigpu_thread_device"], when there is one)."""
         try:
             hidden = config.bank.stored_tokens(step, self.layer, run.roles_of(kinds), tokens, device=k.device, dtype=k.dtype)
         except BankError as e:
             raise BankError(f"StoryDiffusion: {e}") from None
-        attn1 = config.attn1[self.layer]
+        attn1 = run.attn1_of(config, self.layer, device_key)
         hidden = hidden.to(k.device, k.dtype)
         return core.BankTokens(attn1.to_k(hidden), attn1.to_v(hidden), run.bank_reads)
 
@@ -133,7 +137,7 @@ class LayerReplace:
         sampled = core.sample_panel_tokens(tokens, rate, config.seed, step, layer_ordinal(self.layer), rows)
         bank = None
         if run.bank_reads is not None:
-            bank = self.bank_tokens(config, run, step, kinds, tokens, k)
+            bank = self.bank_tokens(config, run, step, kinds, tokens, k, extra_options.get(MULTIGPU_DEVICE))
         nothing_shared = sampled.shape[1] == 0 or not bool(share.any())
         if nothing_shared and (bank is None or not bool(bank.reads.any())):
             return self.plain(q, k, v, extra_options)
