@@ -130,8 +130,10 @@ def score(clip_vision, panels: torch.Tensor, story, references=(), crop: bool = 
             log.warning("Story Consistency: references for [%s], but no scored panel shows it.", c.name)
 
     groups = [Group(c.name, c.rows, _legend(c, rows)) for c in scores.characters]
-    title = (f"self {_fmt(scores.self_consistency)} (worst pair {_fmt(scores.self_min)}), "
-             f"cross {_fmt(scores.cross_consistency)} - {encoder.split(',')[0]}")
+    title = f"self {_fmt(scores.self_consistency)} (worst pair {_fmt(scores.self_min)})"
+    if not math.isnan(scores.cross_consistency):
+        title += f", cross {_fmt(scores.cross_consistency)}"
+    title += f"  |  {encoder.split(',')[0]}"
     picture = render_heatmap(scores.matrix.numpy(), panels.cpu().float().numpy(), [str(r) for r in rows], groups, title,
                              unscored=scores.unscored)
     heatmap = torch.from_numpy(picture).float().div(255.0).unsqueeze(0)
