@@ -141,7 +141,7 @@ class ComfyServer:
                "--port", str(self.port), "--output-directory", self.output_dir, "--input-directory", self.input_dir,
                "--temp-directory", os.path.join(self.workdir, "temp"), "--user-directory", os.path.join(self.workdir, "user"),
                "--extra-model-paths-config", extra, "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args]
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (the server writes to it until stop() closes it)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
