@@ -8,6 +8,12 @@
 //    - PhotoMaker Fuse `trigger_word` is disabled unless `images` is linked: it only applies to those
 //      photos; the trigger of each person belongs to PhotoMaker Character.
 //    Widgets are never removed, so saved widgets_values keep their positions.
+//    Both node renderers: the classic canvas reads `widget.hidden` / `widget.disabled` (a DOM widget's element
+//    follows `hidden`); Nodes 2.0 (Vue-rendered nodes, setting Comfy.VueNodes.Enabled) reads `widget.options.hidden`
+//    and, up to frontend 1.35, `widget.options.disabled` (1.47 keeps `disabled` in its widget store, behind
+//    `widget.disabled`), and re-reads a node's widgets only when its widget list changes. So the state goes on
+//    both, and a change re-inserts the node's last widget (same list, same order) to make Nodes 2.0 redraw it.
+//    Only hide/show and enable/disable: nothing here draws on the canvas (canvas-drawn widgets break in Vue).
 // 2. Template cards: ComfyUI's frontend describes a custom pack's template by its file name. The pack's
 //    templates are listed instead from templates.json (next to this file, written by
 //    scripts/make_workflows.py) with their title and one-line description; the files, thumbnails and
@@ -40,20 +46,46 @@ function isPackNode(node) {
   return (node.comfyClass || node.type || "").startsWith(PREFIX);
 }
 
+// a multiline text box (a DOM textarea on the canvas, a textarea component in Nodes 2.0)
+const isTextBox = (w) => w.type === "customtext" || (!!w.element && w.element.tagName === "TEXTAREA");
+
+function setHidden(w, hidden) {
+  if (!!w.hidden === hidden && !!w.options?.hidden === hidden) return false;
+  w.hidden = hidden;
+  if (w.options) w.options.hidden = hidden;
+  return true;
+}
+
+function setDisabled(w, disabled) {
+  if (!!w.disabled === disabled && !!w.options?.disabled === disabled) return false;
+  w.disabled = disabled;
+  if (w.options) w.options.disabled = disabled;
+  return true;
+}
+
+// Nodes 2.0 maps a node's widgets to its Vue component in a computed value over the (reactive) widget list:
+// taking the last widget out and putting it back invalidates it, and the next render reads the new state.
+// On the classic canvas the list is a plain array and this changes nothing.
+function refreshNodes2(node) {
+  const widgets = node.widgets;  // one reference: some frontends rebuild the list in the getter
+  if (!widgets?.length) return;
+  const last = widgets.pop();
+  widgets.push(last);
+}
+
 export function updateWidgets(node) {
   if (!isPackNode(node) || !node.widgets) return;
   const rules = RULES[node.comfyClass || node.type]?.(node) ?? {};
   let changed = false;
   for (const w of node.widgets) {
     const rule = rules[w.name] ?? {};
-    const hidden = !!rule.hidden || (!!w.element && w.element.tagName === "TEXTAREA" && linked(node, w.name));
-    const disabled = !!rule.disabled;
-    if (!!w.hidden !== hidden) { w.hidden = hidden; changed = true; }
-    if ("disabled" in rule && !!w.disabled !== disabled) { w.disabled = disabled; changed = true; }
+    changed = setHidden(w, !!rule.hidden || (isTextBox(w) && linked(node, w.name))) || changed;
+    if ("disabled" in rule) changed = setDisabled(w, !!rule.disabled) || changed;
   }
   if (changed) {
     const min = node.computeSize();
     if (min[1] > node.size[1]) node.setSize([node.size[0], min[1]]);  // grow to show a widget, never shrink
+    refreshNodes2(node);
     node.setDirtyCanvas?.(true, true);
   }
 }
