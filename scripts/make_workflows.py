@@ -107,6 +107,12 @@ TEMPLATE_INDEX = os.path.join(REPO, "web", "templates.json")
 TEMPLATE_CATEGORY = "StoryDiffusion"
 THUMBNAIL_SIZE = 512  # longest side, pixels
 VIDEO_STRIP_FRAMES = 4  # frames per strip of a video thumbnail
+# Frames per transition a video card draws (the colours of the two panels, blended): a fixed picture per workflow,
+# not the shipped frame count (16 or 33 frames per transition would make the card a column of tiny strips). These
+# are the counts the cards were first drawn with, so the cards stay as they are; a new video workflow gets the
+# default.
+CARD_FRAMES_PER_TRANSITION = {"story_to_video": 4, "story_to_video_animatediff": 6, "story_to_video_wan": 9}
+DEFAULT_CARD_FRAMES_PER_TRANSITION = 6
 
 
 def pack_module(dotted: str):
@@ -182,7 +188,7 @@ def thumbnail_plan(name: str, object_info: dict) -> dict:
                 "colours": [placeholder_colour(i, count) for i in range(count)]}
     if _nodes_of(filled, "StoryDiffusionVideoCombine"):
         panels = len(_nodes_of(filled, "LoadImage"))
-        per_transition = widget_value(filled, _nodes_of(filled, "StoryDiffusionSemanticMotionPredictor")[0], "frames")
+        per_transition = CARD_FRAMES_PER_TRANSITION.get(name, DEFAULT_CARD_FRAMES_PER_TRANSITION)
         overlap = widget_value(filled, _nodes_of(filled, "StoryDiffusionStoryVideo")[0], "overlap")
         ends = [placeholder_colour(i, panels) for i in range(panels)]
         colours, captions = [], []

@@ -30,10 +30,11 @@ def core_sd15(b: WorkflowBuilder) -> None:
 
 
 def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, story_widgets: dict,
-                   prefix: str, size: int, page_widgets: dict, csa_widgets: dict | None = None, *,
-                   latent_node: str = "EmptyLatentImage", sampler_widgets: dict | None = None,
+                   prefix: str, size: tuple[int, int], page_widgets: dict, sampler_widgets: dict,
+                   csa_widgets: dict | None = None, *, latent_node: str = "EmptyLatentImage",
                    guidance: float | None = None) -> int:
     """Story -> consistent attention -> one KSampler over all panels -> comic page (shared by the specs).
+    `size` = (width, height) of every panel, `sampler_widgets` the KSampler's steps, cfg, sampler and scheduler.
     DiTs pass their latent node (EmptySD3LatentImage: 16 channels), cfg 1 and, for Flux dev, a Flux Guidance."""
     story = b.add("StoryDiffusionStory", 1, story_widgets, width=420)
     csa = b.add("StoryDiffusionConsistentSelfAttention", 1, dict({"seed": 7}, **(csa_widgets or {})))
@@ -42,9 +43,8 @@ def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_ou
         flux_guidance = b.add("FluxGuidance", 2, {"guidance": guidance})
         b.connect(story, "positive", flux_guidance, "conditioning")
         positive = (flux_guidance, 0)
-    latent = b.add(latent_node, 2, {"width": size, "height": size})
-    sampler = b.add("KSampler", 2, dict({"seed": 42, "steps": 2 if size <= 64 else 25, "cfg": 5.0},
-                                         **(sampler_widgets or {})))
+    latent = b.add(latent_node, 2, {"width": size[0], "height": size[1]})
+    sampler = b.add("KSampler", 2, dict({"seed": 42}, **sampler_widgets))
     decode = b.add("VAEDecode", 3)
     page = b.add("StoryDiffusionComicPage", 3, page_widgets)
     save = b.add("SaveImage", 4, {"filename_prefix": prefix})
@@ -60,21 +60,33 @@ def _story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_ou
     return story
 
 
-# Sizes: the shipped files are run by the tests on tiny random checkpoints, so latents stay small
-# (64 px, 2 steps); the notes tell users to raise them (SD1.5: 512, SDXL: 1024, 25+ steps).
-TEST_SIZE = 64
-SIZE_NOTE = ("**Before a real run:** set Empty Latent Image to 512×512 (SD1.5) or 1024×1024 (SDXL) and "
-             "KSampler steps to 25–50. The file ships at 64 px / 2 steps so CI can run it on tiny models.")
+# Real settings (issue 21): every shipped workflow carries what a user of its model family would pick for a good
+# first result, and a panel or frame count that fits a 24 GB card, said in its note. The tests run the same files on
+# tiny random models: they set the sizes, steps and frame counts themselves (tests/workflow_sizes.py) and check
+# that no shipped file keeps test values (tests/test_shipped_workflows.py).
+# VRAM figures in the notes: the public files' sizes (weights as loaded) plus ComfyUI's own estimate of one sampling
+# step's activations (model_base.memory_required: latent rows x latent pixels x 2 bytes x 0.01 x the model's
+# memory_usage_factor, in MB; rows = panels or frames x 2 with cfg, x 1 for cfg-distilled models). ComfyUI unloads a
+# text encoder when the diffusion model needs its room. Estimates, not measurements: no real weights run in CI.
+SD15_SIZE = 512  # SD1.5's training resolution
+SD15_SAMPLER = {"steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+SDXL_SIZE = 1024  # SDXL's training resolution (768 for many panels on one batch)
+SDXL_SAMPLER = {"steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}  # cfg 5: StoryDiffusion's
+SD15_SIZE_NOTE = (
+    "**Settings:** 512×512 (SD1.5's own size), KSampler 25 steps, cfg 7, dpmpp_2m / karras. **VRAM:** the "
+    "checkpoint is about 2 GB; one step over four panels (cond + uncond: 8 latent rows at 64×64) about 0.7 GB more: "
+    "a 24 GB card takes the four panels at once with a wide margin, and up to 8 in one batch (the Story node warns "
+    "above 8: longer stories go through the identity bank, see the *Two characters, twelve panels* template).")
 
 
 def comic_sd15(b: WorkflowBuilder) -> None:
     """Story -> Consistent Self-Attention -> KSampler -> comic page, on any SD1.5 checkpoint."""
     b.note("## StoryDiffusion comic (SD1.5)\nOne line per panel in **Story**; `[Name]` puts a character in "
            "a panel. Consistent Self-Attention shares tokens between panels so faces and clothes match.\n\n"
-           "Checkpoint: any SD1.5 model in `models/checkpoints`.\n\n" + SIZE_NOTE, 0, height=260)
+           "Checkpoint: any SD1.5 model in `models/checkpoints`.\n\n" + SD15_SIZE_NOTE, 0, height=380)
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
     _story_to_page(b, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), {"style": "Comic book"}, "storydiffusion/comic_sd15",
-                   TEST_SIZE, {"layout": "classic comic", "page_width": 512})
+                   (SD15_SIZE, SD15_SIZE), {"layout": "classic comic", "page_width": 512}, SD15_SAMPLER)
 
 
 STORY_CHARACTERS = ("[Mia] a young woman with short red hair, green raincoat\n"
@@ -114,7 +126,11 @@ def story_characters(b: WorkflowBuilder) -> None:
            "LATENT) runs the identity run first. Lower `count` and raise `first_panel` to sample a few panels at a "
            "time.\n\n**Page:** Batch Images joins both runs in story order (identity panels first), Comic Page "
            "captions them. **Save Identity Bank** keeps the characters for another session (Load Identity Bank).\n\n"
-           + SIZE_NOTE, 0, height=620, width=380)
+           "**Settings:** 512×512 (SD1.5's own size), both KSamplers 25 steps, cfg 7, dpmpp_2m / karras. **VRAM:** the "
+           "checkpoint is about 2 GB; a step of the story run (8 panels, cond + uncond) about 1.3 GB more, of the "
+           "identity run (4 panels) 0.7 GB: far below 24 GB. The bank lives in RAM (storage cpu): 4 identity images × "
+           "25 steps in fp16 ≈ 1.3 GB. On a small card lower `count` in the story run's Select Story Panels and raise "
+           "`first_panel` to sample a few panels at a time.", 0, height=760, width=380)
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
     story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
                                              "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
@@ -124,16 +140,16 @@ def story_characters(b: WorkflowBuilder) -> None:
     identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
                             title="Select Story Panels (identity run)")
     write = b.add("StoryDiffusionIdentityBankWrite", 2)
-    identity_latent = b.add("EmptyLatentImage", 2, {"width": TEST_SIZE, "height": TEST_SIZE},
+    identity_latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE},
                             title="Identity panels latent")
-    identity_sampler = b.add("KSampler", 2, {"seed": 42, "steps": 2, "cfg": 5.0}, title="KSampler (identity run)")
+    identity_sampler = b.add("KSampler", 2, dict({"seed": 42}, **SD15_SAMPLER), title="KSampler (identity run)")
     identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
     # story run: another seed, else its first panels would start from the identity panels' noise
     story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panel range", "first_panel": STORY_RUN_FIRST_PANEL,
                                                           "count": 0}, title="Select Story Panels (story run)")
     read = b.add("StoryDiffusionIdentityBankRead", 3)
-    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE}, title="Story panels latent")
-    sampler = b.add("KSampler", 3, {"seed": 43, "steps": 2, "cfg": 5.0}, title="KSampler (story run)")
+    latent = b.add("EmptyLatentImage", 3, {"width": SD15_SIZE, "height": SD15_SIZE}, title="Story panels latent")
+    sampler = b.add("KSampler", 3, dict({"seed": 43}, **SD15_SAMPLER), title="KSampler (story run)")
     decode = b.add("VAEDecode", 3, title="VAE Decode (story run)")
     # page
     panels = b.add("StoryDiffusionBatchImages", 4, title="Batch Images (identity + story panels)")
@@ -177,7 +193,11 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
     b.note("## Your character from photos (SDXL + PhotoMaker)\nPut 1–4 photos of one person in **Load Image** "
            "(batch them with Batch Images). Write the class word and trigger in the character line, e.g. "
            "`[Ann] a woman img`. Files: an SDXL checkpoint in `models/checkpoints`, `photomaker-v1.bin` in "
-           "`models/photomaker`.\n\n" + SIZE_NOTE, 0, height=300)
+           "`models/photomaker`.\n\n"
+           "**Settings:** 1024×1024 (SDXL's own size), KSampler 30 steps, cfg 5 (StoryDiffusion's and PhotoMaker's), "
+           "dpmpp_2m / karras. **VRAM:** the checkpoint is about 7 GB and PhotoMaker 1 GB; one step over the four "
+           "panels (cond + uncond: 8 latent rows at 128×128) about 2.1 GB more: the four panels fit a 24 GB card in "
+           "one batch, and so do 8 (≈ 4.2 GB a step); longer stories: 768×768 or the identity bank.", 0, height=440)
     ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SDXL_CHECKPOINT})
     photomaker = b.add("StoryDiffusionPhotoMakerLoader", 0, {"photomaker_name": PHOTOMAKER_FILE})
     photo_a = b.add("LoadImage", 0, {"image": ModelFile("input", "storydiffusion_reference_1.png", "photo")})
@@ -197,8 +217,8 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
         "style": "Comic book", "identity_panels": 2}, width=420)
     fuse = b.add("StoryDiffusionPhotoMakerFuse", 2, {"trigger_word": "img", "start_merge": 0.1})
     csa = b.add("StoryDiffusionConsistentSelfAttention", 3, {"seed": 7})
-    latent = b.add("EmptyLatentImage", 3, {"width": TEST_SIZE, "height": TEST_SIZE})
-    sampler = b.add("KSampler", 4, {"seed": 42, "steps": 2, "cfg": 5.0})
+    latent = b.add("EmptyLatentImage", 3, {"width": SDXL_SIZE, "height": SDXL_SIZE})
+    sampler = b.add("KSampler", 4, dict({"seed": 42}, **SDXL_SAMPLER))
     decode = b.add("VAEDecode", 4)
     page = b.add("StoryDiffusionComicPage", 5, {"layout": "horizontal strip", "page_width": 768})
     save = b.add("SaveImage", 5, {"filename_prefix": "storydiffusion/comic_sdxl_photomaker"})
@@ -220,15 +240,13 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
 CLIP_VISION_FILE = ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_vit_l")
 IPADAPTER_SD15_FILE = ModelFile("ipadapter", "ip-adapter_sd15.safetensors", "ipadapter_sd15")
 VIDEO_PANELS = 3
-VIDEO_FRAMES_PER_TRANSITION = 4
+VIDEO_FRAMES_PER_TRANSITION = 16  # AnimateDiff's clip length: the frames of one transition are one latent batch
 
 
 def joined_frames(per_transition: int, panels: int = VIDEO_PANELS) -> int:
     """Frames of the joined video: one transition per panel pair, Story Video overlapping neighbours by 1 frame."""
     return (panels - 1) * per_transition - (panels - 2)
 
-
-VIDEO_FRAMES = joined_frames(VIDEO_FRAMES_PER_TRANSITION)
 
 
 def panels_to_per_frame_model(b: WorkflowBuilder, checkpoint: ModelFile, ipadapter_file: ModelFile,
@@ -268,13 +286,17 @@ def story_to_video(b: WorkflowBuilder) -> None:
            "Files: an SD1.5 checkpoint, `ip-adapter_sd15.safetensors` in `models/ipadapter`, its CLIP vision "
            "model (ViT-H) in `models/clip_vision`. A trained predictor (Motion Predictor Loader) can be connected "
            "to **predictor**; unconnected = training-free interpolation.\n\n"
-           "**Before a real run:** 512×512, 25+ steps, 16 frames per transition.", 0, height=340)
+           f"**Settings:** 512×512, {VIDEO_FRAMES_PER_TRANSITION} frames per transition (Semantic Motion Predictor "
+           "`frames` = the latent batch), KSampler 25 steps, cfg 7, dpmpp_2m / karras. **VRAM:** checkpoint 2 GB + "
+           "CLIP vision ViT-H 2.5 GB; a step over one transition (16 frames, cond + uncond: 32 latent rows at 64×64) "
+           "about 2.6 GB more. Panel Pairs samples one transition at a time: 16 frames fit a 24 GB card with a wide "
+           "margin.", 0, height=420)
     ckpt, motion, per_frame = panels_to_per_frame_model(b, SD15_CHECKPOINT, IPADAPTER_SD15_FILE,
                                                         VIDEO_FRAMES_PER_TRANSITION)
     pos = b.add("CLIPTextEncode", 4, {"text": "a comic character walking through a rainy city, comic book style"})
     neg = b.add("CLIPTextEncode", 4, {"text": "blurry, watermark, text"})
-    latent = b.add("EmptyLatentImage", 4, {"width": TEST_SIZE, "height": TEST_SIZE})
-    sampler = b.add("KSampler", 5, {"seed": 42, "steps": 2, "cfg": 5.0})
+    latent = b.add("EmptyLatentImage", 4, {"width": SD15_SIZE, "height": SD15_SIZE})
+    sampler = b.add("KSampler", 5, dict({"seed": 42}, **SD15_SAMPLER))
     decode = b.add("VAEDecode", 5)
     video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 8.0, "overlap": 1})
     combine = b.add("StoryDiffusionVideoCombine", 6, {"format": "mp4", "filename_prefix": "storydiffusion/story_to_video"})
@@ -299,22 +321,18 @@ MOTION_MODULE_FILE = ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "motio
 # it (tests/test_workflows.py MODEL_WRITERS), not the tiny `sd15` ones.
 ANIMATEDIFF_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly.safetensors", "sd15_real_width")
 ANIMATEDIFF_IPADAPTER_FILE = ModelFile("ipadapter", "ip-adapter_sd15.bin", "ipadapter_sd15_real_width")
-# what a real run uses: mm_sd_v15_v2 was trained on 16-frame clips, so 16-frame context windows overlapping by 4
+# mm_sd_v15_v2 was trained on 16-frame clips: 16 frames per transition in 16-frame context windows overlapping by 4
+# (one window at 16 frames; longer transitions slide it).
 ANIMATEDIFF_FRAMES_PER_TRANSITION = 16
 ANIMATEDIFF_CONTEXT_LENGTH = 16
 ANIMATEDIFF_CONTEXT_OVERLAP = 4
-# what the shipped file holds, so the browser test runs it on CPU: Panel Pairs gives a list, so each transition is
-# sampled on its own: 6 latent frames in 4-frame windows overlapping by 2 (0-3, 2-5), i.e. context windows are used
-ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION = 6
-ANIMATEDIFF_TEST_CONTEXT_LENGTH = 4
-ANIMATEDIFF_TEST_CONTEXT_OVERLAP = 2
-ANIMATEDIFF_VIDEO_FRAMES = joined_frames(ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION)
 ANIMATEDIFF_SIZE_NOTE = (
-    f"**Before a real run:** Empty Latent Image 512×512, KSampler 20+ steps, Semantic Motion Predictor frames "
-    f"{ANIMATEDIFF_FRAMES_PER_TRANSITION}, Context Options context_length {ANIMATEDIFF_CONTEXT_LENGTH} and "
-    f"context_overlap {ANIMATEDIFF_CONTEXT_OVERLAP} (mm_sd_v15_v2 was trained on 16-frame clips). The file ships at "
-    f"64 px / 2 steps / {ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION} frames per transition in "
-    f"{ANIMATEDIFF_TEST_CONTEXT_LENGTH}-frame windows so CI can run it on tiny models.")
+    f"**Settings:** 512×512, {ANIMATEDIFF_FRAMES_PER_TRANSITION} frames per transition (Semantic Motion Predictor "
+    f"`frames`), Context Options context_length {ANIMATEDIFF_CONTEXT_LENGTH} / context_overlap "
+    f"{ANIMATEDIFF_CONTEXT_OVERLAP} (mm_sd_v15_v2 was trained on 16-frame clips: longer transitions slide the window), "
+    "KSampler 25 steps, cfg 7, dpmpp_2m / karras. **VRAM:** checkpoint 2 GB + motion module 0.9 GB (fp16) + CLIP "
+    "vision ViT-H 2.5 GB; a step over one 16-frame window (32 latent rows at 64×64) about 2.6 GB more plus the motion "
+    "module's temporal attention: well within 24 GB. Memory follows context_length, not the transition's length.")
 
 
 def story_to_video_animatediff(b: WorkflowBuilder) -> None:
@@ -329,16 +347,16 @@ def story_to_video_animatediff(b: WorkflowBuilder) -> None:
            "`models/animatediff_models`, the SD1.5 IP-Adapter (`ip-adapter_sd15.bin` or `.safetensors`) in "
            "`models/ipadapter`, CLIP vision ViT-H in `models/clip_vision`.\n\n" + ANIMATEDIFF_SIZE_NOTE, 0, height=440)
     ckpt, motion, per_frame = panels_to_per_frame_model(b, ANIMATEDIFF_CHECKPOINT, ANIMATEDIFF_IPADAPTER_FILE,
-                                                        ANIMATEDIFF_TEST_FRAMES_PER_TRANSITION)
+                                                        ANIMATEDIFF_FRAMES_PER_TRANSITION)
     motion_model = b.add("ADE_LoadAnimateDiffModel", 4, {"model_name": MOTION_MODULE_FILE})
     apply = b.add("ADE_ApplyAnimateDiffModelSimple", 4)
-    context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_TEST_CONTEXT_LENGTH,
-                                                             "context_overlap": ANIMATEDIFF_TEST_CONTEXT_OVERLAP})
+    context = b.add("ADE_StandardStaticContextOptions", 4, {"context_length": ANIMATEDIFF_CONTEXT_LENGTH,
+                                                             "context_overlap": ANIMATEDIFF_CONTEXT_OVERLAP})
     evolved = b.add("ADE_UseEvolvedSampling", 4)
     pos = b.add("CLIPTextEncode", 5, {"text": "a comic character walking through a rainy city, comic book style"})
     neg = b.add("CLIPTextEncode", 5, {"text": "blurry, watermark, text"})
-    latent = b.add("EmptyLatentImage", 5, {"width": TEST_SIZE, "height": TEST_SIZE})
-    sampler = b.add("KSampler", 6, {"seed": 42, "steps": 2, "cfg": 5.0})
+    latent = b.add("EmptyLatentImage", 5, {"width": SD15_SIZE, "height": SD15_SIZE})
+    sampler = b.add("KSampler", 6, dict({"seed": 42}, **SD15_SAMPLER))
     decode = b.add("VAEDecode", 6)
     video = b.add("StoryDiffusionStoryVideo", 7, {"fps": 8.0, "overlap": 1})
     combine = b.add("StoryDiffusionVideoCombine", 7, {"format": "mp4",
@@ -367,39 +385,45 @@ FLUX_VAE_FILE = ModelFile("vae", "ae.safetensors", "flux_vae")  # Flux's autoenc
 Z_IMAGE_FILE = ModelFile("diffusion_models", "z_image_turbo_bf16.safetensors", "z_image_turbo")
 Z_IMAGE_TEXT_FILE = ModelFile("text_encoders", "qwen_3_4b.safetensors", "qwen3_4b")
 FLUX_GUIDANCE = 3.5  # Flux.1 dev's distilled guidance (the KSampler's cfg stays 1.0)
+FLUX_SIZE = (1024, 768)  # (width, height): a landscape panel; four of them fit 24 GB with the model in fp8
+FLUX_SAMPLER = {"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}  # ComfyUI's Flux dev template
+# flux1-dev.safetensors is 23.8 GB in bf16: on a 24 GB card nothing else would fit, so the loader stores it in fp8
+FLUX_WEIGHT_DTYPE = "fp8_e4m3fn"
 Z_IMAGE_SHIFT = 3.0  # ModelSamplingAuraFlow shift of ComfyUI's Z-Image Turbo template
+Z_IMAGE_SIZE = (1024, 1024)
+Z_IMAGE_SAMPLER = {"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"}  # the same template
 DIT_COMIC_STORY = {"style": "Comic book"}  # the Story node's default four panels, two characters
 DIT_COMIC_PAGE = {"layout": "classic comic", "page_width": 768}
 
 
 def _dit_story_to_page(b: WorkflowBuilder, model_out: tuple, clip_out: tuple, vae_out: tuple, prefix: str,
-                       sampler_widgets: dict, guidance: float | None = None) -> None:
-    """_story_to_page for DiTs: 16-channel latent, cfg 1, the DiT comic's story and page."""
-    _story_to_page(b, model_out, clip_out, vae_out, DIT_COMIC_STORY, prefix, TEST_SIZE, DIT_COMIC_PAGE,
-                   latent_node="EmptySD3LatentImage", sampler_widgets=dict({"cfg": 1.0}, **sampler_widgets),
-                   guidance=guidance)
+                       size: tuple[int, int], sampler_widgets: dict, guidance: float | None = None) -> None:
+    """_story_to_page for DiTs: 16-channel latent, the DiT comic's story and page."""
+    _story_to_page(b, model_out, clip_out, vae_out, DIT_COMIC_STORY, prefix, size, DIT_COMIC_PAGE, sampler_widgets,
+                   latent_node="EmptySD3LatentImage", guidance=guidance)
 
 
 def comic_flux(b: WorkflowBuilder) -> None:
     """Story -> Flux Guidance -> Consistent Self-Attention on Flux.1 dev -> KSampler (cfg 1) -> comic page."""
     b.note("## StoryDiffusion comic (Flux.1 dev)\nOne line per panel in **Story**; `[Name]` puts a character in a "
            "panel. Consistent Self-Attention shares image tokens between the panels inside Flux's joint attention "
-           "(by default the later half of the network: double-stream blocks 10–18 and every single-stream block; "
-           "`layers` = all blocks or a custom list such as `double 10-18, single 0-37`).\n\n"
-           "Files: `flux1-dev.safetensors` (or `flux1-dev-fp8.safetensors`, set weight_dtype fp8_e4m3fn) in "
-           "`models/diffusion_models`; `clip_l.safetensors` and `t5xxl_fp16.safetensors` (or `t5xxl_fp8_e4m3fn`) in "
-           "`models/text_encoders`; `ae.safetensors` in `models/vae`. Flux.1 schnell works too (4 steps, no Flux "
-           "Guidance).\n\n"
-           f"**Before a real run:** Empty SD3 Latent Image 1024×1024 (or 768×768 for four panels on 24 GB), KSampler "
-           f"20–30 steps, cfg 1.0 (Flux Guidance {FLUX_GUIDANCE} does the guiding), euler / simple. VRAM: about 24 GB "
-           "in bf16 for four 1024 px panels, 12–16 GB with the fp8 files and 768 px; lower `rate` or set "
-           "`window_size` to save memory. The file ships at 64 px / 2 steps so CI can run it on random models.",
-           0, height=500)
-    unet = b.add("UNETLoader", 0, {"unet_name": FLUX_DEV_FILE})
+           "(by default the single-stream blocks 11–37, after Story2Board; CharaConsist also shares in single-stream "
+           "blocks only; `layers` = all blocks or a custom list such as `single 20-37` or "
+           "`double 10-18, single 0-37`).\n\n"
+           "Files: `flux1-dev.safetensors` (or an fp8 copy of it) in `models/diffusion_models`; "
+           "`clip_l.safetensors` and `t5xxl_fp16.safetensors` (or `t5xxl_fp8_e4m3fn`) in `models/text_encoders`; "
+           "`ae.safetensors` in `models/vae`. Flux.1 schnell works too (4 steps, no Flux Guidance).\n\n"
+           f"**Settings:** {FLUX_SIZE[0]}×{FLUX_SIZE[1]} panels, KSampler {FLUX_SAMPLER['steps']} steps, cfg 1.0 (Flux "
+           f"Guidance {FLUX_GUIDANCE} does the guiding), euler / simple (ComfyUI's Flux dev template). **VRAM (24 GB):** "
+           f"Load Diffusion Model stores the 23.8 GB bf16 file in {FLUX_WEIGHT_DTYPE} (11.9 GB); one step over the four "
+           "panels (4 latent rows at 128×96, no cfg batch) about 3 GB more; the T5 (9.8 GB) is unloaded when the model "
+           "needs the room: about 15 GB while sampling. With 32 GB or more set weight_dtype to default. More panels: "
+           "`window_size`, a lower `rate`, or the identity bank.", 0, height=560)
+    unet = b.add("UNETLoader", 0, {"unet_name": FLUX_DEV_FILE, "weight_dtype": FLUX_WEIGHT_DTYPE})
     clip = b.add("DualCLIPLoader", 0, {"clip_name1": FLUX_CLIP_L_FILE, "clip_name2": FLUX_T5XXL_FILE, "type": "flux"})
     vae = b.add("VAELoader", 0, {"vae_name": FLUX_VAE_FILE})
-    _dit_story_to_page(b, (unet, 0), (clip, 0), (vae, 0), "storydiffusion/comic_flux",
-                       {"sampler_name": "euler", "scheduler": "simple"}, guidance=FLUX_GUIDANCE)
+    _dit_story_to_page(b, (unet, 0), (clip, 0), (vae, 0), "storydiffusion/comic_flux", FLUX_SIZE, FLUX_SAMPLER,
+                       guidance=FLUX_GUIDANCE)
 
 
 def comic_zimage(b: WorkflowBuilder) -> None:
@@ -410,17 +434,19 @@ def comic_zimage(b: WorkflowBuilder) -> None:
            "shared; `layers` = all blocks or a custom list such as `single 10-29`).\n\n"
            "Files: `z_image_turbo_bf16.safetensors` in `models/diffusion_models`, `qwen_3_4b.safetensors` in "
            "`models/text_encoders` (CLIP loader type lumina2), `ae.safetensors` (the Flux VAE) in `models/vae`.\n\n"
-           f"**Before a real run:** Empty SD3 Latent Image 1024×1024, KSampler 8–9 steps, cfg 1.0, res_multistep / "
-           f"simple, Model Sampling AuraFlow shift {Z_IMAGE_SHIFT:g} (ComfyUI's Z-Image Turbo template). VRAM: about "
-           "16 GB for four 1024 px panels in bf16, 12 GB at 768 px; lower `rate` or set `window_size` to save memory. "
-           "The file ships at 64 px / 2 steps so CI can run it on random models.", 0, height=460)
+           f"**Settings:** {Z_IMAGE_SIZE[0]}×{Z_IMAGE_SIZE[1]}, KSampler {Z_IMAGE_SAMPLER['steps']} steps (a turbo model: "
+           f"more steps do not help), cfg 1.0, res_multistep / simple, Model Sampling AuraFlow shift {Z_IMAGE_SHIFT:g} "
+           "(ComfyUI's Z-Image Turbo template). **VRAM (24 GB):** the model is 12.3 GB in bf16; one step over the four "
+           "panels (4 latent rows at 128×128) about 2.2 GB more; the Qwen3 text encoder (8 GB) is unloaded when the "
+           "model needs the room: about 15 GB while sampling. More panels: 768×768, `window_size`, or a lower `rate`.",
+           0, height=500)
     unet = b.add("UNETLoader", 0, {"unet_name": Z_IMAGE_FILE})
     clip = b.add("CLIPLoader", 0, {"clip_name": Z_IMAGE_TEXT_FILE, "type": "lumina2"})
     vae = b.add("VAELoader", 0, {"vae_name": FLUX_VAE_FILE})
     shift = b.add("ModelSamplingAuraFlow", 1, {"shift": Z_IMAGE_SHIFT})
     b.connect(unet, 0, shift, "model")
-    _dit_story_to_page(b, (shift, 0), (clip, 0), (vae, 0), "storydiffusion/comic_zimage",
-                       {"sampler_name": "res_multistep", "scheduler": "simple"})
+    _dit_story_to_page(b, (shift, 0), (clip, 0), (vae, 0), "storydiffusion/comic_zimage", Z_IMAGE_SIZE,
+                       Z_IMAGE_SAMPLER)
 
 
 # Wan 2.1 FLF2V: core ComfyUI's Wan nodes (UNETLoader, CLIPLoader type "wan", WanFirstLastFrameToVideo) once per panel
@@ -431,21 +457,25 @@ WAN_MODEL_FILE = ModelFile("diffusion_models", "wan2.1_flf2v_720p_14B_fp16.safet
 WAN_TEXT_ENCODER_FILE = ModelFile("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_tiny")
 WAN_VAE_FILE = ModelFile("vae", "wan_2.1_vae.safetensors", "wan21_vae_tiny")
 WAN_CLIP_VISION_FILE = ModelFile("clip_vision", "clip_vision_h.safetensors", "clip_vision_h")
-# what a real run uses (the note): Wan packs 4 video frames into one latent frame (the first alone), so 4k + 1 frames
-WAN_FRAMES_PER_TRANSITION = 33
-WAN_SIZE = (832, 480)  # 480p; the 720p FLF2V model: 1280 x 720
+# Wan packs 4 video frames into one latent frame (the first alone): a transition has 4k + 1 frames; the predictor's
+# frame count is the transition's length (its total_frames feeds WanFirstLastFrameToVideo's length)
+WAN_FRAMES_PER_TRANSITION = 33  # 9 latent frames, ComfyUI's FLF2V template length
+WAN_SIZE = (832, 480)  # 480p, what fits 24 GB; the 720p FLF2V model's own size is 1280 x 720
 WAN_STEPS = 20
-WAN_SHIFT, WAN_CFG = 8.0, 5.0  # ModelSamplingSD3 shift and cfg of ComfyUI's Wan templates
+WAN_SHIFT = 8.0  # ModelSamplingSD3 shift of ComfyUI's Wan templates
+WAN_CFG = 5.0  # Wan 2.1's default sample_guide_scale (ComfyUI's FLF2V template uses 3)
 WAN_STRENGTH = 0.3  # Wan Per-frame Semantics: above 0 is off the model's training distribution, so start low
-# what the shipped file holds, so the browser test runs it on CPU: 64 px, 2 steps, 9 frames (3 latent frames)
-WAN_TEST_FRAMES_PER_TRANSITION = 9
-WAN_TEST_SIZE = 64
-WAN_VIDEO_FRAMES = joined_frames(WAN_TEST_FRAMES_PER_TRANSITION)
+# the 14B model is 32.8 GB in fp16: the loader stores it in fp8 (16.4 GB) so one transition fits a 24 GB card
+WAN_WEIGHT_DTYPE = "fp8_e4m3fn"
 WAN_SIZE_NOTE = (
-    f"**Before a real run:** WanFirstLastFrameToVideo {WAN_SIZE[0]}×{WAN_SIZE[1]} (480p; the 720p FLF2V model "
-    f"1280×720; keep your panels' aspect), Semantic Motion Predictor frames {WAN_FRAMES_PER_TRANSITION} (4k + 1; it "
-    f"sets the transition's length), KSampler {WAN_STEPS} steps. The file ships at {WAN_TEST_SIZE} px / 2 steps / "
-    f"{WAN_TEST_FRAMES_PER_TRANSITION} frames per transition so CI can run it on tiny random models.")
+    f"**Settings:** WanFirstLastFrameToVideo {WAN_SIZE[0]}×{WAN_SIZE[1]} (480p; keep your panels' aspect, the panels "
+    f"are centre-cropped to it), {WAN_FRAMES_PER_TRANSITION} frames per transition (Semantic Motion Predictor `frames`, "
+    f"4k + 1: it sets each transition's length), KSampler {WAN_STEPS} steps, cfg {WAN_CFG:g}, uni_pc / simple, shift {WAN_SHIFT:g}. "
+    f"**VRAM (24 GB):** Load Diffusion Model stores the 32.8 GB fp16 model in {WAN_WEIGHT_DTYPE} (16.4 GB); one step "
+    "over a 33-frame 480p transition (9 latent frames at 104×60, cond + uncond) about 5.2 GB more; the text "
+    "encoder is unloaded when the model needs the room: about 22 GB while sampling, one transition at a time (Panel "
+    "Pairs runs them in turn). Tight: ComfyUI moves part of the weights to RAM if it must (slower). With 40 GB or "
+    "more set weight_dtype to default; 720p (1280×720) needs about twice the activation memory.")
 
 
 def story_to_video_wan(b: WorkflowBuilder) -> None:
@@ -462,13 +492,12 @@ def story_to_video_wan(b: WorkflowBuilder) -> None:
            "`wan2.1_i2v_480p_14B_fp16.safetensors` I2V model) in `models/diffusion_models`, "
            "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` in `models/text_encoders`, `wan_2.1_vae.safetensors` in "
            "`models/vae`, `clip_vision_h.safetensors` in `models/clip_vision`.\n\n"
-           "**VRAM:** the 14B model is 33 GB in fp16: below 40 GB set Load Diffusion Model's weight_dtype to "
-           "fp8_e4m3fn (about 17 GB; ComfyUI offloads what does not fit to RAM, slowly).\n\n"
+
            "**Limits:** no trained motion predictor weights exist (unconnected = interpolation between the two "
            "panels' tokens). Wan was trained with the fixed start/end pair, so any **strength** above 0 is off its "
            "training distribution: start low; strength 0 = plain FLF2V (bit-identical).\n\n" + WAN_SIZE_NOTE,
            0, height=640, width=380)
-    unet = b.add("UNETLoader", 0, {"unet_name": WAN_MODEL_FILE})
+    unet = b.add("UNETLoader", 0, {"unet_name": WAN_MODEL_FILE, "weight_dtype": WAN_WEIGHT_DTYPE})
     text_encoder = b.add("CLIPLoader", 0, {"clip_name": WAN_TEXT_ENCODER_FILE, "type": "wan"})
     vae = b.add("VAELoader", 0, {"vae_name": WAN_VAE_FILE})
     clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": WAN_CLIP_VISION_FILE})
@@ -482,11 +511,11 @@ def story_to_video_wan(b: WorkflowBuilder) -> None:
     encode_start = b.add("CLIPVisionEncode", 3, {"crop": "none"}, title="CLIP Vision Encode (start panel)")
     encode_end = b.add("CLIPVisionEncode", 3, {"crop": "none"}, title="CLIP Vision Encode (end panel)")
     motion = b.add("StoryDiffusionSemanticMotionPredictor", 3,
-                   {"frames": WAN_TEST_FRAMES_PER_TRANSITION, "embeddings": "penultimate", "crop": "none"})
+                   {"frames": WAN_FRAMES_PER_TRANSITION, "embeddings": "penultimate", "crop": "none"})
     shift = b.add("ModelSamplingSD3", 4, {"shift": WAN_SHIFT})
     per_frame = b.add("StoryDiffusionWanPerFrameSemantics", 4, {"strength": WAN_STRENGTH})
-    flf = b.add("WanFirstLastFrameToVideo", 4, {"width": WAN_TEST_SIZE, "height": WAN_TEST_SIZE})
-    sampler = b.add("KSampler", 5, {"seed": 42, "steps": 2, "cfg": WAN_CFG, "sampler_name": "uni_pc",
+    flf = b.add("WanFirstLastFrameToVideo", 4, {"width": WAN_SIZE[0], "height": WAN_SIZE[1]})
+    sampler = b.add("KSampler", 5, {"seed": 42, "steps": WAN_STEPS, "cfg": WAN_CFG, "sampler_name": "uni_pc",
                                     "scheduler": "simple"})
     decode = b.add("VAEDecode", 5)
     video = b.add("StoryDiffusionStoryVideo", 6, {"fps": 16.0, "overlap": 1})
@@ -536,13 +565,13 @@ WORKFLOWS: dict[str, Workflow] = {
                                "comic strip (SDXL).", (".png",), title="Comic from photos (SDXL, PhotoMaker)"),
     "story_to_video": Workflow(
         story_to_video, "Story panels to a video: each pair of panels becomes a transition, joined into one mp4.",
-        (".mp4",), video_frames=VIDEO_FRAMES, title="Story panels to video"),
+        (".mp4",), title="Story panels to video"),
     # needs AnimateDiff-Evolved in the server that builds and runs it: make_workflows.py and tests/test_workflows.py
     # load the snapshot in ../shared/thirdparty (tests/animatediff_fixtures.server_args) when it is there
     "story_to_video_animatediff": Workflow(
         story_to_video_animatediff, "Story panels to a moving video: an AnimateDiff motion module (AnimateDiff Evolved "
                                     "pack) animates each transition between two panels, joined into one mp4.",
-        (".mp4",), video_frames=ANIMATEDIFF_VIDEO_FRAMES, title="Story panels to video (AnimateDiff)",
+        (".mp4",), title="Story panels to video (AnimateDiff)",
         requires=ANIMATEDIFF_NODES),
     "comic_flux": Workflow(
         comic_flux, "A four panel comic page from one story text on Flux.1 dev: consistent self attention inside "
@@ -553,5 +582,5 @@ WORKFLOWS: dict[str, Workflow] = {
     "story_to_video_wan": Workflow(
         story_to_video_wan, "Story panels to a video with Wan 2.1: each pair of panels becomes a first and last frame "
                             "transition, steered frame by frame by the predicted panel embeddings, joined into one mp4.",
-        (".mp4",), video_frames=WAN_VIDEO_FRAMES, title="Story panels to video (Wan 2.1)"),
+        (".mp4",), title="Story panels to video (Wan 2.1)"),
 }

@@ -34,6 +34,7 @@ import harness
 import tiny_models
 import wan_fixtures
 import workflow_fixtures
+import workflow_sizes
 
 REPO = comfy_env.REPO
 DRIVER = os.path.join(REPO, "tests", "browser", "run_workflow.mjs")
@@ -258,12 +259,15 @@ CACHED_FILES.update(wan_fixtures.CACHED)
 # helpers
 
 
-def run_in_browser(server, workflow_path: str, name: str, queue: bool = True) -> dict:
+def run_in_browser(server, workflow_path: str, name: str, queue: bool = True, settings: dict | None = None) -> dict:
+    """`settings`: {node id: {widget: value}} the driver sets after loading and before queueing."""
     os.makedirs(ARTIFACTS, exist_ok=True)
     cmd = ["node", DRIVER, "--url", server.url, "--workflow", workflow_path, "--chromium", CHROMIUM,
            "--screenshot", os.path.join(ARTIFACTS, f"{name}.png")]
     if not queue:
         cmd.append("--no-queue")
+    if settings:
+        cmd += ["--set", json.dumps(settings)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert done.returncode == 0, f"browser driver failed:\n{done.stderr[-4000:]}"
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -330,16 +334,35 @@ def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: 
             f.write(make_workflows.render(builder.build()))
     with open(workflow_path) as f:
         workflow = json.load(f)
-    report = run_in_browser(ui_server, workflow_path, name)
+    # the file as saved, then the sizes, steps and frame counts the tests run it with (tests/workflow_sizes.py)
+    settings = workflow_sizes.browser_settings(workflow)
+    report = run_in_browser(ui_server, workflow_path, name, settings=settings)
     check_loaded_cleanly(report, workflow)
     check_queued_prompt(report, workflow)
+    check_test_settings(report, workflow, object_info, settings)
     outputs = ui_server.wait(report["prompt_id"], timeout=600)
     spec = make_workflows.WORKFLOWS[name]
     files = check_outputs(ui_server, outputs, spec.outputs)
-    if spec.video_frames is not None:
-        videos = [f for f in files if f.endswith((".mp4", ".webm"))]
-        assert [decoded_frame_count(v) for v in videos] == [spec.video_frames] * len(videos), videos
+    videos = [f for f in files if f.endswith((".mp4", ".webm"))]
+    if videos:  # one transition per adjacent panel pair, of the test's frame count, joined with overlap 1
+        expected = make_workflows.specs.joined_frames(workflow_sizes.TEST_FRAMES)
+        assert [decoded_frame_count(v) for v in videos] == [expected] * len(videos), videos
     return report, outputs, files
+
+
+def check_test_settings(report: dict, workflow: dict, object_info: dict, settings: dict) -> None:
+    """The driver found every widget the test sets, each held the file's saved value when the workflow had loaded,
+    and the prompt the frontend queued carries the test values."""
+    nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    changes = report["widget_changes"]
+    assert sorted((c["node"], c["widget"]) for c in changes) == \
+        sorted((node, widget) for node, values in settings.items() for widget in values), changes
+    for change in changes:
+        node = nodes[change["node"]]
+        assert change["found"], f"node {change['node']} ({node['type']}) has no widget {change['widget']!r} in the page"
+        saved = workflow_sizes.widget_values(node, object_info[node["type"]])[change["widget"]]
+        assert change["before"] == saved, f"{change}: the file saves {saved!r}"
+        assert report["api_prompt"][change["node"]]["inputs"][change["widget"]] == change["after"], change
 
 
 def _linked(prompt: dict, node: dict, input_name: str, class_type: str | None = None) -> tuple[str, int]:
@@ -472,7 +495,7 @@ def check_story_to_video_wan(server, prompt: dict, outputs: dict, files: list[st
     video = [f for f in files if f.endswith(".mp4")]
     assert len(plain_video) == len(video) == 1, (plain_video, video)
     steered, unsteered = _video_frames(video[0]).astype(float), _video_frames(plain_video[0]).astype(float)
-    assert steered.shape == unsteered.shape and steered.shape[0] == specs.WAN_VIDEO_FRAMES
+    assert steered.shape == unsteered.shape and steered.shape[0] == specs.joined_frames(workflow_sizes.TEST_FRAMES)
     assert np.abs(steered - unsteered).mean() > 0.5, "Wan Per-frame Semantics did not change the sampled frames"
 
 
@@ -671,67 +694,8 @@ def test_shipped_workflow_nodes_do_not_overlap_in_the_frontend(browser, ui_serve
 
 
 # ---------------------------------------------------------------------------------------------------
-# the pack's frontend extension (web/storydiffusion.js): widgets the node ignores are hidden or disabled
-
-WIDGETS_PROBE = """
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const settle = async () => { app.canvas.draw(true, true); await sleep(300); };
-const node = (type) => app.graph._nodes.find((n) => n.type === type);
-const state = (n, name) => {
-  const w = n.widgets.find((w) => w.name === name);
-  return { hidden: !!w.hidden, disabled: !!w.computedDisabled,
-           visible: w.element ? w.element.checkVisibility({ visibilityProperty: true, opacityProperty: true }) : null };
-};
-const out = {};
-await app.loadGraphData(WORKFLOWS.comic_sd15, true, true, 'comic_sd15');
-await settle();
-const page = node('StoryDiffusionComicPage'), csa = node('StoryDiffusionConsistentSelfAttention');
-out.captions_linked = state(page, 'captions');
-out.custom_layers_default = state(csa, 'custom_layers');
-const layers = csa.widgets.find((w) => w.name === 'layers');
-layers.value = 'custom list';
-layers.callback?.(layers.value, app.canvas, csa);  // what picking it in the combo menu does
-await settle();
-out.custom_layers_custom = state(csa, 'custom_layers');
-out.csa_fits = csa.size[1] >= csa.computeSize()[1];
-app.graph.removeLink(page.inputs.find((i) => i.name === 'captions').link);
-await settle();
-out.captions_unlinked = state(page, 'captions');
-await app.loadGraphData(WORKFLOWS.comic_sdxl_photomaker, true, true, 'comic_sdxl_photomaker');
-await settle();
-const fuse = node('StoryDiffusionPhotoMakerFuse');
-out.fuse_text_story_linked = state(fuse, 'text');
-out.fuse_trigger_without_images = state(fuse, 'trigger_word');
-out.character_trigger = state(node('StoryDiffusionPhotoMakerCharacter'), 'trigger_word');
-const photos = node('StoryDiffusionBatchImages');
-photos.connect(0, fuse, fuse.inputs.findIndex((i) => i.name === 'images'));
-app.graph.removeLink(fuse.inputs.find((i) => i.name === 'story').link);
-await settle();
-out.fuse_text_no_story = state(fuse, 'text');
-out.fuse_trigger_with_images = state(fuse, 'trigger_word');
-return out;
-"""
-
-
-def test_extension_hides_and_disables_ignored_widgets(browser, ui_server, model_files, object_info, tmp_path):
-    workflows = {}
-    for name in ("comic_sd15", "comic_sdxl_photomaker"):
-        model_files(make_workflows.make_builder(name, object_info).models)
-        with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
-            workflows[name] = json.load(f)
-    r = run_probe(ui_server, f"const WORKFLOWS = {json.dumps(workflows)};\n" + WIDGETS_PROBE, tmp_path,
-                  screenshot="widgets_probe.png")
-    # Comic Page: the linked captions box is not drawn (the frontend showed it empty); unlinked, it is back
-    assert r["captions_linked"]["hidden"] and r["captions_linked"]["visible"] is False, r
-    assert not r["captions_unlinked"]["hidden"] and r["captions_unlinked"]["visible"] is True, r
-    # Consistent Self-Attention: custom_layers only with layers = "custom list", and the node grows to show it
-    assert r["custom_layers_default"]["hidden"] and not r["custom_layers_custom"]["hidden"] and r["csa_fits"], r
-    # PhotoMaker Fuse: the prompt box is hidden while a story gives the prompts; trigger_word only with images
-    assert r["fuse_text_story_linked"]["hidden"] and r["fuse_text_story_linked"]["visible"] is False, r
-    assert not r["fuse_text_no_story"]["hidden"] and r["fuse_text_no_story"]["visible"] is True, r
-    assert r["fuse_trigger_without_images"]["disabled"] and not r["fuse_trigger_with_images"]["disabled"], r
-    # the character's trigger word (its owner) stays editable
-    assert not r["character_trigger"]["hidden"] and not r["character_trigger"]["disabled"], r
+# the pack's frontend extension (web/storydiffusion.js), hiding and disabling the widgets a node ignores, is tested
+# in both node renderers (classic canvas, Nodes 2.0) by tests/test_web_extension.py
 
 
 # ---------------------------------------------------------------------------------------------------

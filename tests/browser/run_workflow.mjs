@@ -2,10 +2,14 @@
 // frontend itself convert it to an API prompt and queue it.
 //
 //   node run_workflow.mjs --url http://127.0.0.1:8188 --workflow workflows/comic_sd15.json \
-//        --screenshot test-artifacts/comic_sd15.png [--no-queue] [--chromium /usr/bin/chromium]
+//        --screenshot test-artifacts/comic_sd15.png [--no-queue] [--chromium /usr/bin/chromium] \
+//        [--set '{"<node id>": {"<widget>": value}}']
 //
+// --set: widget values to change after the workflow loaded (and was screenshot) and before it is queued, as a user
+// would edit them: the tests run the shipped files with their own sizes and steps (tests/workflow_sizes.py).
 // Prints one JSON object on stdout: {prompt_id, api_prompt, queue_status, queue_response,
-// missing_node_types, console_errors, blocked_requests, page_errors, dialogs, node_count, screenshot}.
+// missing_node_types, console_errors, blocked_requests, page_errors, dialogs, node_count, screenshot,
+// widget_changes: [{node, type, widget, before, after}]}.
 // The pytest side (tests/test_workflows.py) decides what is a failure; this script only reports.
 // playwright-core comes from .harness/node (scripts/setup_browser.sh); it never downloads a browser.
 import { createRequire } from 'node:module';
@@ -42,7 +46,7 @@ let phase = 'startup';
 const report = {
   prompt_id: null, api_prompt: null, queue_status: null, queue_response: null,
   missing_node_types: [], console_errors: [], blocked_requests: [], page_errors: [], dialogs: [], node_count: 0,
-  screenshot: args.screenshot,
+  screenshot: args.screenshot, widget_changes: [],
 };
 
 // launch() always starts from a fresh, temporary profile (its own --user-data-dir)
@@ -112,6 +116,25 @@ try {
   await page.screenshot({ path: args.screenshot });
 
   stage('screenshot');
+  if (args.set) {
+    report.widget_changes = await page.evaluate((settings) => {
+      const changes = [];
+      for (const [id, values] of Object.entries(settings)) {
+        const node = window.app.graph.getNodeById(Number(id));
+        for (const [name, value] of Object.entries(values)) {
+          const w = node?.widgets?.find((x) => x.name === name);
+          changes.push({ node: id, type: node?.type ?? null, widget: name, before: w ? w.value : null,
+                         after: value, found: !!w });
+          if (!w) continue;
+          w.value = value;
+          w.callback?.(value, window.app.canvas, node);
+        }
+      }
+      window.app.graph.setDirtyCanvas(true, true);
+      return changes;
+    }, JSON.parse(args.set));
+    stage('widgets set');
+  }
   if (args.queue && loaded.missing.length === 0) {
     phase = 'queue';
     // the same code path as the Queue button: graphToPrompt(), widget callbacks, POST /prompt
