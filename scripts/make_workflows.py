@@ -1,8 +1,15 @@
 """Build the shared workflows (workflows/*.json, ComfyUI UI format 0.4) from the specs in workflow_specs.py.
 
     python scripts/make_workflows.py                  # start a ComfyUI with the pack, rewrite workflows/
-    python scripts/make_workflows.py --check          # exit 1 if a file differs from what it would write
-    python scripts/make_workflows.py --object-info f.json   # use a saved /object_info instead
+    python scripts/make_workflows.py --check          # exit 1 if a file is stale (see below)
+    python scripts/make_workflows.py --object-info f.json [--comfyui-version V]   # a saved /object_info instead
+
+The files are written on ComfyUI 0.3.75 (WRITTEN_ON, the floor of pyproject.toml's requires-comfyui), so they open on
+every supported version; rewriting on another version is refused. `--check` on 0.3.75 compares each file exactly with
+what it would write (widgets_values are positional: a node that gained or lost an input makes a file stale); on
+every version it checks that each file is compatible with that version's nodes
+(workflow_builder.compatibility_problems: node types installed, widget values on widgets that accept them, inputs
+and links of existing names and matching types, the spec's nodes and links).
 
 Also writes the template cards: web/templates.json (each workflow's title and one-line description, which
 web/storydiffusion.js shows in the template browser) and workflows/<name>.jpg (what the workflow makes, drawn
@@ -33,6 +40,7 @@ from workflow_specs import WORKFLOWS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS_DIR = os.path.join(REPO, "workflows")
+WRITTEN_ON = "0.3.75"  # the ComfyUI the shipped files are written on: requires-comfyui's floor (test_workflows.py)
 
 
 def make_builder(name: str, object_info: dict) -> WorkflowBuilder:
@@ -61,9 +69,9 @@ def ade_missing_reason() -> str | None:
     return _tests_module("animatediff_fixtures").snapshot_missing_reason()
 
 
-def live_object_info() -> dict:
+def live_object_info() -> tuple[dict, str]:
     """Start the harness ComfyUI (with this pack, and ADE when its snapshot is there) on an empty models folder
-    and read /object_info."""
+    and read /object_info; (object_info, the ComfyUI version)."""
     import tempfile
 
     harness = _tests_module("harness")
@@ -78,12 +86,28 @@ def live_object_info() -> dict:
         server.start()
         try:
             info = server.get("/object_info")
+            version = server.get("/system_stats")["system"]["comfyui_version"]
         finally:
             server.stop()
         if extra and not all(node in info for node in specs.ANIMATEDIFF_NODES):
             print(f"AnimateDiff-Evolved did not load; the server's log ends:\n{server.read_log()[-3000:]}",
                   file=sys.stderr)
-        return info
+        return info, version
+
+
+def shipped_problems(name: str, object_info: dict, comfyui_version: str) -> list[str]:
+    """Why workflows/<name>.json does not fit the ComfyUI that gave `object_info` ([] when it does): on WRITTEN_ON it
+    must be exactly what the spec builds; on every version it must be compatible with the installed nodes."""
+    path = Path(WORKFLOWS_DIR, f"{name}.json")
+    if not path.exists():
+        return [f"workflows/{name}.json is missing"]
+    shipped = path.read_text()
+    filled = make_builder(name, object_info)
+    problems = [f"workflows/{name}.json on ComfyUI {comfyui_version}: {problem}"
+                for problem in builder.compatibility_problems(json.loads(shipped), object_info, filled)]
+    if comfyui_version == WRITTEN_ON and shipped != render(filled.build()):
+        problems.insert(0, f"workflows/{name}.json differs from what make_workflows.py writes on ComfyUI {WRITTEN_ON}")
+    return problems
 
 
 def missing_requirements(name: str, object_info: dict) -> str | None:
@@ -251,12 +275,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--object-info", help="a saved /object_info JSON (default: start ComfyUI and ask it)")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
+    parser.add_argument("--comfyui-version", default=WRITTEN_ON,
+                        help=f"the ComfyUI version of --object-info (default {WRITTEN_ON})")
     args = parser.parse_args(argv)
     if args.object_info:
         with open(args.object_info) as f:
             info = json.load(f)
+        version = args.comfyui_version
     else:
-        info = live_object_info()
+        info, version = live_object_info()
+    if version != WRITTEN_ON and not args.check:
+        print(f"error: the shipped workflows are written on ComfyUI {WRITTEN_ON}, this is {version}: run "
+              "`.harness/venv/bin/python scripts/make_workflows.py` there (--check tests this version)",
+              file=sys.stderr)
+        return 1
     stale = []
     unavailable = {name: reason for name, spec in WORKFLOWS.items()
                    if spec.shipped and (reason := missing_requirements(name, info))}
@@ -264,14 +296,16 @@ def main(argv=None) -> int:
     for name, spec in WORKFLOWS.items():
         if not spec.shipped or name in unavailable:
             continue
+        if args.check:
+            problems = shipped_problems(name, info, version)
+            if problems:
+                stale.append(name)
+                print("\n".join(problems), file=sys.stderr)
+            continue
         text = render(build_workflow(name, info))
         path = os.path.join(WORKFLOWS_DIR, f"{name}.json")
         current = Path(path).read_text() if os.path.exists(path) else None
-        if current == text:
-            continue
-        if args.check:
-            stale.append(name)
-        else:
+        if current != text:
             with open(path, "w") as f:
                 f.write(text)
             print("wrote", os.path.relpath(path, REPO))

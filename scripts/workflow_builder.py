@@ -73,14 +73,21 @@ def default_value(kind, options: dict):
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
 
+def widget_roles(name: str, kind, options: dict) -> list[str]:
+    """What each widgets_values entry of one widget input is: "value", then the widgets the frontend adds after
+    it: "control" (control after generate, after a seed) and "upload" (LoadImage's upload button)."""
+    roles = ["value"]
+    if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
+        roles.append("control")
+    if options.get("image_upload"):
+        roles.append("upload")
+    return roles
+
+
 def widget_slots(name: str, kind, options: dict, value) -> list:
     """The widgets_values entries one input contributes (value, then the widgets the frontend adds)."""
-    values = [value]
-    if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
-        values.append("fixed")  # "control after generate": never change a shipped seed on queue
-    if options.get("image_upload"):
-        values.append("image")  # LoadImage's upload button widget stores its kind
-    return values
+    # "control after generate" is "fixed": never change a shipped seed on queue; the upload widget stores its kind
+    return [{"value": value, "control": "fixed", "upload": "image"}[role] for role in widget_roles(name, kind, options)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,6 +258,118 @@ def _types_match(out_type: str, in_type) -> bool:
     if out_type == "*" or in_type == "*":
         return True
     return bool(set(str(out_type).split(",")) & set(str(in_type).split(",")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# a shipped workflow on another ComfyUI version
+
+FRONTEND_ONLY_NODES = ("MarkdownNote", "Note")
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+def _socket_type(kind) -> str:
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def _widget_layout(info: dict) -> list[tuple[str, object, dict, str]]:
+    """(input name, type, options, role) of each widgets_values entry, in the frontend's order; role "value", or
+    "control" / "upload" for the widgets the frontend adds after a seed / an image combo (see widget_slots)."""
+    return [(name, kind, options, role) for name, kind, options in node_inputs(info) if is_widget(kind, options)
+            for role in widget_roles(name, kind, options)]
+
+
+def _value_problem(kind, options: dict, value, model_files: set) -> str | None:
+    """Why this widget cannot hold `value` (None: it can). A file name the spec loads from a models folder need not
+    be among the choices: those list the user's disk."""
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = combo_options(kind, options)
+        return None if value in choices or value in model_files else f"{value!r} is not one of {choices[:12]}"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
+            return f"{value!r} is not {kind}"
+        if ("min" in options and value < options["min"]) or ("max" in options and value > options["max"]):
+            return f"{value!r} is outside [{options.get('min')}, {options.get('max')}]"
+        return None
+    expected = {"STRING": str, "BOOLEAN": bool}.get(kind)
+    return None if expected is None or isinstance(value, expected) else f"{value!r} is not {kind}"
+
+
+def compatibility_problems(workflow: dict, object_info: dict, expected: WorkflowBuilder) -> list[str]:
+    """What keeps `workflow` (UI JSON written on another ComfyUI version) from opening as its spec on the nodes of
+    `object_info`; [] when compatible. `expected` is the spec built on these nodes. Checked: every node type is
+    installed; each widgets_values entry lands (by position, as the frontend restores them) on a widget of this
+    version that accepts it, and a value the spec sets lands on the widget the spec names; every input socket is an
+    input of that name and a matching type here; every link joins an existing output to that input with a matching
+    type; and the nodes and links are the spec's. Values the spec leaves at a default may differ (a newer default,
+    a new trailing widget: the frontend fills those in)."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    spec_nodes = {n.id: n for n in expected.nodes}
+    shipped_types, spec_types = {i: n["type"] for i, n in nodes.items()}, {n.id: n.type for n in expected.nodes}
+    if shipped_types != spec_types:
+        return [f"the nodes are not the spec's: {sorted(shipped_types.items())} vs {sorted(spec_types.items())}"]
+    model_files = {name for files in expected.models.values() for name in files}
+    for node_id, node in sorted(nodes.items()):
+        label = f"node {node_id} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY_NODES:
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            problems.append(f"{label}: node type is not installed")
+            continue
+        layout, values = _widget_layout(info), node.get("widgets_values", [])
+        if len(values) > len(layout):
+            problems.append(f"{label}: {len(values)} widget values for {len(layout)} widgets "
+                            f"({[f'{n}:{r}' for n, _, _, r in layout]})")
+        placed = {}
+        for (name, kind, options, role), value in zip(layout, values):
+            if role == "control":
+                why = None if value in CONTROL_VALUES else f"{value!r} is not a control-after-generate mode"
+            elif role == "upload":
+                why = None if value == "image" else f"{value!r} is not the image upload widget"
+            else:
+                placed[name] = value
+                why = _value_problem(kind, options, value, model_files)
+            if why:
+                problems.append(f"{label}: widget {name} ({role}): {why}")
+        for name, value in spec_nodes[node_id].widgets.items():
+            if placed.get(name, object()) != (str(value) if isinstance(value, ModelFile) else value):
+                problems.append(f"{label}: widget {name} = {placed.get(name)!r}, the spec sets {value!r}")
+        current = {name: (kind, options) for name, kind, options in node_inputs(info)}
+        for socket in node.get("inputs", []):
+            if socket["name"] not in current:
+                problems.append(f"{label}: input {socket['name']!r} does not exist (inputs: {sorted(current)})")
+                continue
+            kind, options = current[socket["name"]]
+            if "widget" in socket and not is_widget(kind, options):
+                problems.append(f"{label}: input {socket['name']!r} is saved as a widget input but is a socket here")
+            if not _types_match(socket["type"], _socket_type(kind)):
+                problems.append(f"{label}: input {socket['name']!r} is {socket['type']} in the file, "
+                                f"{_socket_type(kind)} here")
+    spec_links = sorted((link[1], link[2], link[3], expected.nodes[link[3] - 1].inputs[link[4]]["name"])
+                        for link in expected.links)
+    links = []
+    for link_id, src, src_slot, dst, dst_slot, link_type in workflow["links"]:
+        label = f"link {link_id} ({nodes[src]['type']}[{src_slot}] -> {nodes[dst]['type']})"
+        inputs = nodes[dst].get("inputs", [])
+        if dst_slot >= len(inputs) or inputs[dst_slot].get("link") != link_id:
+            problems.append(f"{label}: target slot {dst_slot} does not hold this link")
+            continue
+        input_name = inputs[dst_slot]["name"]
+        links.append((src, src_slot, dst, input_name))
+        outputs = object_info.get(nodes[src]["type"], {}).get("output", [])
+        current = {name: kind for name, kind, _ in node_inputs(object_info.get(nodes[dst]["type"], {"input": {}}))}
+        if src_slot >= len(outputs):
+            problems.append(f"{label}: {nodes[src]['type']} has {len(outputs)} outputs here")
+        elif input_name in current:
+            out_type, in_type = _socket_type(outputs[src_slot]), _socket_type(current[input_name])
+            if not _types_match(out_type, in_type):
+                problems.append(f"{label}: output {out_type} cannot feed {input_name} ({in_type})")
+            if not _types_match(link_type, out_type):
+                problems.append(f"{label}: the file says the link carries {link_type}, the output is {out_type}")
+    if sorted(links) != spec_links:
+        problems.append(f"the links are not the spec's: {sorted(set(links) ^ set(spec_links))}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------

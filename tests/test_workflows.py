@@ -43,27 +43,18 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = os.path.join(REPO, "test-artifacts", "workflows")
 PACK_FOLDER = "comfyui-storydiffusion"  # the name scripts/setup.sh links into custom_nodes/
 
-# Console lines every page load of ComfyUI 0.3.75 + frontend 1.32.9 prints, whatever the workflow.
-# Each entry: (phase, text prefix, url or None, why it is not a failure). Anything else fails.
-KNOWN_STARTUP_NOISE = (
-    ("startup", "Failed to load resource: the server responded with a status of 404", "/user.css",
-     ("index.html links an optional user.css next to itself; ComfyUI 0.3.75 serves none (the user's "
-      "stylesheet is the second link, /api/userdata/user.css, which the test does provide)")),
-    ("startup", "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange", None,
-     ("frontend 1.32.9 writes LiteGraph.Canvas.MinFontSizeForLOD (useRenderModeSetting) before that "
-      "setting is registered; happens on an empty page too, before any workflow is loaded")),
-)
 
-
-def _load_make_workflows():
-    spec = importlib.util.spec_from_file_location("make_workflows", os.path.join(REPO, "scripts", "make_workflows.py"))
+def _load_script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["make_workflows"] = module  # dataclasses look their module up while it executes
+    sys.modules[name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
 
-make_workflows = _load_make_workflows()
+# console errors the installed frontend logs on an empty page without any custom node (tests/browser/frontend_noise.py)
+frontend_noise = _load_script("frontend_noise", os.path.join(REPO, "tests", "browser", "frontend_noise.py"))
+make_workflows = _load_script("make_workflows", os.path.join(REPO, "scripts", "make_workflows.py"))
 SHIPPED = sorted(name for name, wf in make_workflows.WORKFLOWS.items() if wf.shipped)
 
 
@@ -89,23 +80,6 @@ def browser():
     if not os.path.exists(os.path.join(NODE_DIR, "node_modules", "playwright-core", "package.json")):
         pytest.skip("playwright-core is missing in .harness/node: run `bash scripts/setup_browser.sh`")
     return CHROMIUM
-
-
-def _prepare_user_dir(user_dir: str) -> None:
-    """What a used ComfyUI install already has, so the first page load opens no dialogs and 404s.
-
-    - settings: the tutorial is done (else the templates browser opens over the canvas);
-    - user.css, workflows/, subgraphs/, comfy.templates.json: the frontend reads them at start-up
-      and logs a 404 console error for each one that does not exist.
-    """
-    default = os.path.join(user_dir, "default")
-    for folder in ("workflows", "subgraphs"):
-        os.makedirs(os.path.join(default, folder), exist_ok=True)
-    files = {"comfy.settings.json": json.dumps({"Comfy.TutorialCompleted": True}),
-             "user.css": "", "comfy.templates.json": "[]"}
-    for name, text in files.items():
-        with open(os.path.join(default, name), "w") as f:
-            f.write(text)
 
 
 # On CPU ComfyUI keeps text encoders in fp16, which CPU matmuls run ~3x slower than fp32; the tiny
@@ -137,7 +111,7 @@ def ui_server(tmp_path_factory):
                                  extra_args=FAST_CPU_ARGS + ade_server_args(root, models)
                                  + wan_fixtures.server_args(str(root / "wan"))
                                  + dit_workflow_fixtures.server_args(str(root / "dit_nodes")))
-    _prepare_user_dir(os.path.join(server.workdir, "user"))
+    frontend_noise.prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
     server.stop()
@@ -148,6 +122,11 @@ def ui_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def object_info(ui_server):
     return ui_server.get("/object_info")
+
+
+@pytest.fixture(scope="module")
+def comfyui_version(ui_server):
+    return ui_server.get("/system_stats")["system"]["comfyui_version"]
 
 
 @pytest.fixture(scope="module")
@@ -276,25 +255,32 @@ def run_in_browser(server, workflow_path: str, name: str, queue: bool = True, se
     return report
 
 
-def unexpected_console_errors(report: dict) -> list:
-    """Console errors not explained by KNOWN_STARTUP_NOISE or by the offline block of other hosts."""
-    blocked = set(report["blocked_requests"])
+def unexpected_console_errors(report: dict, origin: str) -> list:
+    """Console errors other than the offline block of other hosts and the ones the installed frontend logs on an
+    empty page without any custom node (each recorded one excuses one occurrence, exactly as recorded)."""
+    version = frontend_noise.frontend_version()
+    noise = frontend_noise.known(version)
+    assert noise is not None, f"no console errors recorded for frontend {version}: run " \
+        "`<venv>/bin/python tests/browser/frontend_noise.py --record` with this ComfyUI's venv and check what it stores"
+    excused = [(e["text"], e["url"]) for e in noise]
     left = []
     for error in report["console_errors"]:
-        if error["url"] in blocked and error["text"] == "Failed to load resource: net::ERR_INTERNET_DISCONNECTED":
+        if frontend_noise.is_offline_block(error, report["blocked_requests"]):
             continue  # tests are offline on purpose: the frontend's api.comfy.org lookups are aborted
-        known = any(error["phase"] == phase and error["text"].startswith(text)
-                    and (url is None or error["url"].endswith(url)) for phase, text, url, _ in KNOWN_STARTUP_NOISE)
-        if not known:
+        key = tuple(frontend_noise.normalize(error, origin).values())
+        if key in excused:
+            excused.remove(key)
+        else:
             left.append(error)
     return left
 
 
-def check_loaded_cleanly(report: dict, workflow: dict) -> None:
+def check_loaded_cleanly(report: dict, workflow: dict, origin: str) -> None:
     assert report["missing_node_types"] == [], f"missing node types: {report['missing_node_types']}"
     assert report["dialogs"] == [], f"the app opened dialogs: {report['dialogs']}"
     assert report["page_errors"] == [], report["page_errors"]
-    assert unexpected_console_errors(report) == [], json.dumps(unexpected_console_errors(report), indent=1)
+    unexpected = unexpected_console_errors(report, origin)
+    assert unexpected == [], json.dumps(unexpected, indent=1)
     assert report["node_count"] == len(workflow["nodes"])
     assert os.path.getsize(report["screenshot"]) > 10_000  # a rendered canvas, not a blank page
 
@@ -337,7 +323,7 @@ def run_workflow(ui_server, model_files, object_info, name: str, workflow_path: 
     # the file as saved, then the sizes, steps and frame counts the tests run it with (tests/workflow_sizes.py)
     settings = workflow_sizes.browser_settings(workflow)
     report = run_in_browser(ui_server, workflow_path, name, settings=settings)
-    check_loaded_cleanly(report, workflow)
+    check_loaded_cleanly(report, workflow, ui_server.url)
     check_queued_prompt(report, workflow)
     check_test_settings(report, workflow, object_info, settings)
     outputs = ui_server.wait(report["prompt_id"], timeout=600)
@@ -516,6 +502,17 @@ def decoded_frame_count(path: str) -> int:
 # tests
 
 
+def test_frontend_noise_is_what_an_empty_page_logs(browser, tmp_path):
+    """The console errors the browser tests excuse for this frontend (tests/browser/frontend_noise.json) are exactly
+    what its page logs on a server without any custom node, before any workflow: never a message of this pack."""
+    version = frontend_noise.frontend_version()
+    recorded = frontend_noise.known(version)
+    observed = frontend_noise.empty_page_errors(str(tmp_path), browser)
+    fix = "run `<venv>/bin/python tests/browser/frontend_noise.py --record` with this ComfyUI's venv"
+    assert recorded is not None, f"no console errors recorded for frontend {version}; this page logs {observed}: {fix}"
+    assert sorted((e["text"], e["url"]) for e in observed) == sorted((e["text"], e["url"]) for e in recorded), fix
+
+
 def test_core_nodes_workflow_runs_through_the_browser(browser, ui_server, model_files, object_info, tmp_path):
     """The harness itself, on ComfyUI core nodes only: load, screenshot, queue, a PNG comes out."""
     report, _, _ = run_workflow(ui_server, model_files, object_info, "core_sd15", None, tmp_path)
@@ -535,13 +532,57 @@ def test_shipped_workflow_loads_and_runs_in_browser(browser, ui_server, model_fi
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_workflow_matches_installed_nodes(object_info, name):
-    """widgets_values are positional: a node that gained or lost an input makes the file stale."""
+def test_shipped_workflow_matches_installed_nodes(object_info, comfyui_version, name):
+    """widgets_values are positional: on the version the files are written on (0.3.75) a node that gained or lost an
+    input makes the file stale (exact comparison); on every version the file must be compatible with the nodes."""
     skip_unless_buildable(name, object_info)
+    problems = make_workflows.shipped_problems(name, object_info, comfyui_version)
+    assert problems == [], "run `.harness/venv/bin/python scripts/make_workflows.py` (ComfyUI " \
+        f"{make_workflows.WRITTEN_ON}):\n" + "\n".join(problems)
+
+
+def test_workflows_are_written_on_the_oldest_supported_comfyui():
+    """The files must open on every supported version, so they are written on the floor that pyproject declares."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        requires = tomllib.load(f)["tool"]["comfy"]["requires-comfyui"]
+    assert requires == f">={make_workflows.WRITTEN_ON}"
+
+
+def test_compatibility_check_finds_what_a_version_change_breaks(object_info):
+    """make_workflows' check on versions other than 0.3.75 passes the shipped file and fails each change the frontend
+    would load wrongly: a shifted widget value, a value the spec sets on another widget, an input or node type this
+    version lacks, a link into an input of another type."""
+    name = "comic_sd15"
     with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
-        shipped = f.read()
-    assert shipped == make_workflows.render(make_workflows.build_workflow(name, object_info)), \
-        f"workflows/{name}.json is stale: run `python scripts/make_workflows.py`"
+        shipped = json.load(f)
+    spec = make_workflows.make_builder(name, object_info)
+    check = make_workflows.builder.compatibility_problems
+    assert check(shipped, object_info, spec) == []
+
+    def changed(edit, info=None) -> list[str]:
+        workflow = json.loads(json.dumps(shipped))
+        edit({n["type"]: n for n in workflow["nodes"]}, workflow)
+        return check(workflow, info or object_info, spec)
+
+    shifted = changed(lambda nodes, _: nodes["KSampler"]["widgets_values"].insert(0, 7))
+    assert any("KSampler" in p and "widget" in p for p in shifted), shifted
+    steps = make_workflows.specs.SD15_SAMPLER["steps"]
+    spec_value = changed(lambda nodes, _: nodes["KSampler"]["widgets_values"].__setitem__(2, steps + 1))  # 2: steps
+    assert any(f"widget steps = {steps + 1}, the spec sets {steps}" in p for p in spec_value), spec_value
+    renamed = changed(lambda nodes, _: nodes["VAEDecode"]["inputs"][0].__setitem__("name", "latent"))
+    assert any("input 'latent' does not exist" in p for p in renamed), renamed
+    without = {k: v for k, v in object_info.items() if k != "VAEDecode"}
+    assert any("(VAEDecode): node type is not installed" in p for p in changed(lambda *_: None, without))
+    decode = next(n for n in shipped["nodes"] if n["type"] == "VAEDecode")
+    vae_link = next(i["link"] for i in decode["inputs"] if i["name"] == "vae")
+    model_link = next(link for link in shipped["links"] if link[5] == "MODEL")
+
+    def miswire(_, workflow):  # the VAE input fed by the MODEL output
+        link = next(link for link in workflow["links"] if link[0] == vae_link)
+        link[1:3] = model_link[1:3]
+    assert any("output MODEL cannot feed vae (VAE)" in p for p in changed(miswire))
 
 
 def test_workflows_are_served_as_templates_with_thumbnails(ui_server):
@@ -740,17 +781,18 @@ def test_template_index_has_real_descriptions(ui_server):
 
 
 TEMPLATES_PROBE = """
+const DIALOG = '.p-dialog, [role="dialog"]';  // a PrimeVue dialog up to frontend 1.35, a role=dialog element in 1.47
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 await app.extensionManager.command.execute('Comfy.BrowseTemplates');
 let nav = null;
 for (let i = 0; i < 150 && !nav; i++) {
   await sleep(200);
-  nav = [...document.querySelectorAll('.p-dialog *')].find((e) => e.children.length === 0 && (e.textContent || '').trim() === PACK);
+  nav = [...document.querySelectorAll(DIALOG + ' *')].find((e) => e.children.length === 0 && (e.textContent || '').trim() === PACK);
 }
 if (!nav) return { error: 'no category for the pack in the template browser' };
 nav.click();
 await sleep(1500);
-const dialog = document.querySelector('.p-dialog');
+const dialog = document.querySelector(DIALOG);
 const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
 const store = pinia._s.get('workflowTemplates');
 return {

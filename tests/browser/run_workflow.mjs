@@ -108,8 +108,9 @@ try {
   report.node_count = loaded.nodeCount;
 
   await page.waitForTimeout(500);
-  // any dialog the app opened while loading (missing nodes, missing models, errors)
-  report.dialogs = await page.evaluate(() => [...document.querySelectorAll('.p-dialog')]
+  // any dialog the app opened while loading (missing nodes, missing models, errors): a PrimeVue dialog up to
+  // frontend 1.35, a role=dialog element in 1.47
+  report.dialogs = await page.evaluate(() => [...document.querySelectorAll('.p-dialog, [role="dialog"]')]
     .filter((d) => d.offsetParent !== null)
     .map((d) => (d.innerText || '').slice(0, 2000)));
   stage('dialogs read');
