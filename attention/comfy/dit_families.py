@@ -258,6 +258,7 @@ class DiTTokenLayout:
     def __init__(self, family: DiTFamily, signature: inspect.Signature):
         self.family = family
         self.signature = signature  # of the diffusion model's _forward, bound once at patch time
+        self.var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def __deepcopy__(self, memo):
         return self
@@ -269,7 +270,7 @@ class DiTTokenLayout:
             raise PatchError(f"StoryDiffusion: this ComfyUI calls the {self.family.name} model with arguments its "
                              f"_forward does not take ({e}): update the pack, or report the ComfyUI version") from None
         arguments = dict(bound.arguments)
-        arguments.update(arguments.pop(self._var_keyword, None) or {})
+        arguments.update(arguments.pop(self.var_keyword, None) or {})
         options = arguments.get("transformer_options")
         if not isinstance(options, dict) or options.get(CONFIG_KEY) is None:
             return executor(*args, **kwargs)
@@ -285,7 +286,3 @@ class DiTTokenLayout:
         if calls is not None:
             calls.check_all_made()
         return output
-
-    @property
-    def _var_keyword(self):
-        return next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
