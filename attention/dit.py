@@ -20,7 +20,21 @@ from collections.abc import Callable
 
 import torch
 
-from .core import BankTokens, mean_over_windows, panel_plan, to_device
+from .core import (
+    BankTokens,
+    gather_rows,
+    key_index,
+    mean_over_windows,
+    panel_call_bytes,
+    panel_plan,
+    panels_per_call,
+    query_groups,
+    query_units,
+    select_panels,
+    to_device,
+    unit_stride,
+    write_group,
+)
 
 # attention(q, k, v, mask) on [rows, heads, tokens, dim_head] -> anything with rows first
 JointAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -52,7 +66,7 @@ def _panel_mask(mask: torch.Tensor | None, chunks: int, panels: int, i: int,
 
 def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,
                                image_tokens: int, share: torch.Tensor, sampled: torch.Tensor, window: int = 0,
-                               mask: torch.Tensor | None = None, bank: BankTokens | None = None,
+                               mask: torch.Tensor | None = None, bank: BankTokens | None = None, budget: int = 0,
                                attention: JointAttentionFn = sdpa_joint) -> torch.Tensor:
     """Joint attention where each panel also reads sampled image tokens of the panels it shares with.
 
@@ -69,9 +83,11 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bank: identity-bank tokens, k/v [chunks, bank panels, H, n, D] (image keys/values after RoPE, as a
         write run stored them) and reads [B, bank panels]. A bank key takes the mask column of the panel's
         first image token: no supported family masks image tokens (masks there hide text padding).
+    budget: bytes of extra memory for the query panels' K/V buffers (core.panels_per_call): 0 = one query panel
+        per attention call; more = G panels of the same key count per call, their K/V gathered into one buffer.
 
     Key order of panel i: [its own tokens, bank panels it reads, sampled image tokens of the others].
-    attention: attention(q, k, v, mask) on [chunks, H, tokens, D]; returns rows first ([chunks, N, H*D]
+    attention: attention(q, k, v, mask) on [chunks*G, H, tokens, D]; returns rows first ([chunks*G, N, H*D]
         for ComfyUI's kernels). The result has the kernel's layout with chunks*B rows.
     """
     total, heads, tokens, dim = q.shape
@@ -84,60 +100,89 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"sampled token index {int(sampled.max())} is past the {image_tokens} image tokens")
     share, sampled, windows = panel_plan(share, sampled, panels, window)
     bank_k = bank_v = None
-    bank_reads = [[] for _ in range(panels)]
+    bank_reads = [()] * panels
+    bank_tokens = 0
     if bank is not None and bank.k.shape[1] > 0 and bank.k.shape[3] > 0:
         if bank.k.shape[0] != chunks or bank.k.shape[2] != heads or bank.k.shape[4] != dim:
             raise ValueError(f"bank tokens {tuple(bank.k.shape)} do not fit {chunks} chunks of {heads} heads x {dim}")
         bank_k, bank_v = bank.k.to(k.device, k.dtype), bank.v.to(v.device, v.dtype)
-        bank_reads = [torch.nonzero(r).reshape(-1).tolist() for r in bank.reads.to(torch.bool).cpu()]
+        bank_reads = [tuple(torch.nonzero(r).reshape(-1).tolist()) for r in bank.reads.to(torch.bool).cpu()]
+        bank_tokens = bank_k.shape[3]
 
+    own = k.shape[2]
     q4 = q.reshape(chunks, panels, heads, tokens, dim)
-    k4 = k.reshape(chunks, panels, heads, k.shape[2], dim)
-    v4 = v.reshape(chunks, panels, heads, v.shape[2], dim)
+    k4 = unit_stride(k.reshape(chunks, panels, heads, own, dim))
+    v4 = unit_stride(v.reshape(chunks, panels, heads, v.shape[2], dim))
     positions = to_device(text_tokens + sampled, k.device)  # [B, n] key positions others read, one copy
+    flat = positions + to_device(torch.arange(panels)[:, None] * own, k.device)  # panel*own + position
+    units = query_units(share, sampled, windows, bank_reads, bank_tokens, own)
+    mask_bytes = 0 if mask is None else mask.element_size() * chunks * tokens * (heads if mask.ndim == 4 else 1)
+    groups = query_groups(units, lambda keys: panels_per_call(budget, panel_call_bytes(
+        chunks, tokens, keys, heads * dim, k.element_size(), index_rows=chunks * heads,
+        extra=mask_bytes * keys), panels))
 
     single = len(windows) == 1
     out4 = None
-    for members in windows:
-        for i in members:
-            others = [j for j in members if share[i, j]]
-            n_bank = len(bank_reads[i]) * (bank_k.shape[3] if bank_k is not None else 0)
-            n_other = sum(int(sampled[j].numel()) for j in others)
-            if n_bank + n_other == 0:
-                kk, vv, columns = k4[:, i], v4[:, i], None  # reads nothing but itself: plain joint attention
-            else:
-                own = k.shape[2]
-                kk = k.new_empty((chunks, heads, own + n_bank + n_other, dim))
-                vv = v.new_empty((chunks, heads, own + n_bank + n_other, dim))
-                kk[:, :, :own].copy_(k4[:, i])
-                vv[:, :, :own].copy_(v4[:, i])
-                at = own
-                for b in bank_reads[i]:
-                    n = bank_k.shape[3]
-                    kk[:, :, at:at + n].copy_(bank_k[:, b])
-                    vv[:, :, at:at + n].copy_(bank_v[:, b])
-                    at += n
-                for j in others:
-                    n = int(sampled[j].numel())
-                    kk[:, :, at:at + n].copy_(k4[:, j].index_select(2, positions[j]))
-                    vv[:, :, at:at + n].copy_(v4[:, j].index_select(2, positions[j]))
-                    at += n
-                columns = None
-                if mask is not None:  # the mask columns of the appended keys
-                    first_image = torch.full((n_bank,), text_tokens, dtype=torch.long, device=k.device)
-                    columns = torch.cat([first_image] + [positions[j] for j in others])
-            result = attention(q4[:, i], kk, vv, _panel_mask(mask, chunks, panels, i, columns))
-            if out4 is None:
-                shape = (chunks, panels) + tuple(result.shape[1:])
-                out4 = result.new_empty(shape) if single else result.new_zeros(shape)  # empty: pages written once
-            if single:
-                out4[:, i].copy_(result)
-            else:
-                out4[:, i].add_(result)
-            del kk, vv, result
+    arange_own = None
+    for group in groups:
+        members = [unit.panel for unit in group]
+        if not group[0].others and not group[0].reads:  # they read nothing but themselves: plain joint attention
+            result = attention(*(select_panels(t, members) for t in (q4, k4, v4)),  # one panel: views
+                               _group_mask([_panel_mask(mask, chunks, panels, i, None) for i in members], chunks)
+                               if mask is not None else None)
+        else:
+            if arange_own is None:
+                arange_own = torch.arange(own, device=k.device)
+            g, keys = len(group), group[0].keys
+            pieces = []
+            for unit in group:  # per unit: [own, bank (placeholder keys, overwritten below), others' sampled]
+                pieces.append(arange_own + unit.panel * own)
+                if unit.reads:
+                    pieces.append(arange_own.new_zeros(len(unit.reads) * bank_tokens))
+                pieces.extend(flat[j] for j in unit.others)
+            base = torch.cat(pieces).view(g, keys)
+            del pieces
+            index = key_index(k4, base, own)
+            kk = gather_rows(k4, index, (chunks, g, heads, keys, dim))
+            if v4.stride() != k4.stride():
+                index = key_index(v4, base, own)
+            vv = gather_rows(v4, index, (chunks, g, heads, keys, dim))
+            del index, base
+            at = own
+            for b in group[0].reads:  # the group reads the same bank panels: one broadcast copy each
+                kk[:, :, :, at:at + bank_tokens].copy_(bank_k[:, b, None])
+                vv[:, :, :, at:at + bank_tokens].copy_(bank_v[:, b, None])
+                at += bank_tokens
+            group_mask = None
+            if mask is not None:  # the mask columns of the appended keys, per unit
+                first_image = torch.full((len(group[0].reads) * bank_tokens,), text_tokens, dtype=torch.long,
+                                         device=k.device)
+                group_mask = _group_mask([_panel_mask(mask, chunks, panels, u.panel, torch.cat(
+                    [first_image] + [positions[j] for j in u.others])) for u in group], chunks)
+            result = attention(select_panels(q4, members), kk.view((chunks * g,) + kk.shape[2:]),
+                               vv.view((chunks * g,) + vv.shape[2:]), group_mask)
+            del kk, vv
+        if out4 is None:
+            shape = (chunks, panels) + tuple(result.shape[1:])
+            out4 = result.new_empty(shape) if single else result.new_zeros(shape)  # empty: pages written once
+        write_group(out4, members, result.reshape((chunks, len(members)) + tuple(result.shape[1:])), single)
+        del result
     if not single:
         mean_over_windows(out4, windows)
     return out4.reshape((total,) + tuple(out4.shape[2:]))
+
+
+def _group_mask(masks: list, chunks: int) -> torch.Tensor:
+    """Per-unit masks ([.., N, L], rows broadcast over chunks) -> one mask of a group call's chunks*G rows."""
+    if len(masks) == 1:
+        return masks[0]
+    rows = []
+    for m in masks:
+        m = m if m.ndim >= 3 else m[None]
+        rows.append(m.expand((chunks,) + tuple(m.shape[1:])))
+    width = max(m.ndim for m in rows)
+    rows = [m.reshape((chunks,) + (1,) * (width - m.ndim) + tuple(m.shape[1:])) for m in rows]
+    return torch.stack(rows, dim=1).reshape((-1,) + tuple(rows[0].shape[1:]))
 
 
 def sampled_keys_values(k: torch.Tensor, v: torch.Tensor, *, chunks: int, text_tokens: int,

@@ -25,6 +25,8 @@ TOKENS_KEY = "storydiffusion_csa_tokens"  # per model call: (tokens before the i
 CALLS_KEY = "storydiffusion_csa_calls"  # per model call (or block): the AttentionCalls of families that name no blocks
 
 MODE_BATCH, MODE_WRITE, MODE_READ = "batch", "write", "read"
+AUTO_BUDGET = -1  # memory_budget_mib: a share of the device's free memory at the run's first call (CPU: 0)
+AUTO_BUDGET_SHARE = 0.25  # that share: the rest stays for the model's other activations and other nodes
 
 
 class PatchError(StoryDiffusionError):
@@ -50,6 +52,7 @@ class CSAConfig:
     attn1_paths: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # layer -> its name in the UNet
     family: str = "UNet"  # "UNet", or the DiT family the override serves (see DIT_FAMILIES)
     fingerprint: str | None = None  # the model writing or reading the bank (attention/comfy/fingerprint.py)
+    memory_budget_mib: int = AUTO_BUDGET  # extra attention memory per call, MiB (0: one query panel per call)
 
     def __deepcopy__(self, memo):
         return self
@@ -119,6 +122,7 @@ class RunState:
     evaluations: int = 0  # model evaluations so far (a bank writer tells a second chunk of a role from Heun's re-run)
     clones: dict | None = None  # ComfyUI multi-GPU: device -> the patcher whose own model evaluates that device's chunks
     modules: dict = field(default_factory=dict)  # (device, layer) -> attn1 module of that device's model (memo)
+    budgets: dict = field(default_factory=dict)  # device -> attention memory budget in bytes, fixed at its first call
 
     def __deepcopy__(self, memo):
         return self
@@ -162,6 +166,17 @@ class RunState:
             module = self.clones[device].model.diffusion_model.get_submodule(config.attn1_paths[layer])
             self.modules[key] = module
         return module
+
+    def attention_budget(self, config: CSAConfig, device, free_memory) -> int:
+        """Bytes the query panels' K/V buffers of one attention call may take on `device` (core.panels_per_call):
+        the node's budget, or by default AUTO_BUDGET_SHARE of the memory `free_memory(device)` reports at this
+        run's first call on the device (0 on the CPU: one panel per call, the CPU's fastest, see the README)."""
+        key = str(device)
+        budget = self.budgets.get(key)
+        if budget is None:
+            budget = resolve_budget(config.memory_budget_mib, torch.device(device), free_memory)
+            self.budgets[key] = budget  # a benign race under multi-GPU threads: both compute the same kind of value
+        return budget
 
     def reach(self, step: int, layer) -> None:
         """A selected layer's patch ran at an active step: CSA is really in this run's attention."""
@@ -244,6 +259,20 @@ class RunState:
             return context_window(self, batch, extra_options)
         raise PatchError(f"StoryDiffusion: attention batch {rows_in_call} does not split into {chunks} chunks of "
                          f"{len(self.rows)} panels (another node changed the batch?)")
+
+
+def resolve_budget(mib: int, device: torch.device, free_memory) -> int:
+    """Budget in bytes: `mib` MiB when it is set (>= 0), else AUTO_BUDGET_SHARE of `free_memory(device)` on an
+    accelerator and 0 (one panel per call) on the CPU."""
+    if mib is not None and int(mib) >= 0:
+        return int(mib) * 2**20
+    if device.type == "cpu":
+        return 0
+    try:
+        free = int(free_memory(device) or 0)
+    except Exception:  # noqa: BLE001 (a ComfyUI that cannot tell: one panel per call, the least memory)
+        return 0
+    return int(free * AUTO_BUDGET_SHARE)
 
 
 def planned_steps(config: CSAConfig, sigmas: tuple):

@@ -87,9 +87,12 @@ def measure(spec: dict, pack: str, bench) -> dict:
     def plain():
         return attention(q, k, v, None)
 
+    panel_bytes = core.panel_call_bytes(chunks, tokens, keys, heads * dim, q.element_size(), index_rows=chunks * heads)
+    budget = bench.memory_budget(spec, device, core, panels, panel_bytes)
+
     def ours():
         return dit.joint_consistent_attention(q, k, v, chunks=chunks, text_tokens=text, image_tokens=image,
-                                              share=share, sampled=sampled, attention=attention)
+                                              share=share, sampled=sampled, attention=attention, budget=budget)
 
     def loop():
         return loop_joint(q, k, v, chunks, text, sampled, attention)
@@ -104,7 +107,7 @@ def measure(spec: dict, pack: str, bench) -> dict:
         dit.joint_consistent_attention(sq, sk, sv, chunks=chunks, text_tokens=text, image_tokens=small_image,
                                        share=share[:2, :2], sampled=sampled[:2] % small_image, attention=attention)
     bench.sync(device)
-    result = {"keys": keys}
+    result = {"keys": keys, "budget_bytes": budget, "group": core.panels_per_call(budget, panel_bytes, panels)}
     if spec["method"] == "loop":
         out, extra, seconds = bench.peak_call(loop, device)
         result.update(extra_bytes=extra - out_bytes, seconds=seconds)

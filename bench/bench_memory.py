@@ -197,9 +197,12 @@ def measure(spec: dict) -> dict:
     def plain():
         return attention(q, k, v, heads)
 
+    budget = memory_budget(spec, device, core, panels,
+                           core.panel_call_bytes(CHUNKS, tokens, keys, channels, q.element_size()))
+
     def ours():
         return core.consistent_attention(q, k, v, heads, chunks=CHUNKS, share=share, sampled=sampled,
-                                         window=0, attention=attention)
+                                         window=0, attention=attention, budget=budget)
 
     def loop():
         return loop_attention(q, k, v, heads, CHUNKS, sampled, attention)
@@ -215,7 +218,9 @@ def measure(spec: dict) -> dict:
         core.consistent_attention(q[small, :256], k[small, :256], v[small, :256], heads, chunks=CHUNKS,
                                   share=share[:2, :2], sampled=sampled[:2] % 256, attention=attention)
     sync(device)
-    result = {"keys": keys}
+    result = {"keys": keys, "budget_bytes": budget,
+              "group": core.panels_per_call(budget, core.panel_call_bytes(CHUNKS, tokens, keys, channels,
+                                                                          q.element_size()), panels)}
     if spec["method"] == "loop":
         out, extra, seconds = peak_call(method, device)
         result.update(extra_bytes=extra - out_bytes, seconds=seconds)
@@ -239,6 +244,23 @@ def measure(spec: dict) -> dict:
     result.update(seconds=statistics.median(t_csa), plain_seconds=statistics.median(t_plain),
                   time_ratio=statistics.median(ratios), repeats=len(t_csa))
     return result
+
+
+def memory_budget(spec: dict, device, core, panels: int, panel_bytes: int) -> int:
+    """The attention memory budget (bytes) of a measurement: spec["memory_budget"] = 0 (one panel per call, the
+    default), MiB as an int, "all" (every panel in one call) or "auto" (what the ComfyUI glue takes by default:
+    attention/run.py's AUTO_BUDGET_SHARE of the free device memory, here the allocator's, 0 on the CPU)."""
+    wanted = spec.get("memory_budget", 0)
+    if wanted == "all":
+        return panels * panel_bytes
+    if wanted == "auto":
+        if device.type != "cuda":
+            return 0
+        run = importlib.import_module(f"{PACK}.attention.run")
+        free, _ = torch.cuda.mem_get_info(device)
+        return int((free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+                   * run.AUTO_BUDGET_SHARE)
+    return int(wanted) * 2**20
 
 
 def run_measure(spec: dict) -> dict:

@@ -81,16 +81,24 @@ class ConsistentSelfAttention:
                 "story": (STORY_TYPE, {"tooltip": "Optional story: a panel only shares with panels showing one of its "
                                                   "characters; [NC] panels share nothing. Without it all panels are one "
                                                   "group. The latent batch must have one latent per story panel."}),
+                "attention_memory_budget": ("INT", {
+                    "default": -1, "min": -1, "max": 1 << 20,
+                    "tooltip": "Extra memory (MiB) one attention call may take for the panels' longer keys/values. "
+                               "More = several panels per attention call (faster on a GPU, more memory); 0 = one "
+                               "panel at a time (the least memory); -1 = automatic: a quarter of the free GPU memory "
+                               "at the start of each run, one panel at a time on the CPU (fastest there). The "
+                               "images are the same up to float rounding."}),
             },
         }
 
     def patch(self, model, rate, rate_high_res, window_size, layers, custom_layers, start_percent, end_percent,
-              schedule, seed, story=None):
+              schedule, seed, story=None, attention_memory_budget=-1):
         try:
             patched = csa.patch_model(model, rate=rate, rate_high_res=rate_high_res, window=window_size,
                                                 layer_choice=layers, custom_layers=custom_layers,
                                                 start_percent=start_percent, end_percent=end_percent,
-                                                official_schedule=schedule == csa_schedule.SCHEDULE_OFFICIAL, seed=seed, story=story)
+                                                official_schedule=schedule == csa_schedule.SCHEDULE_OFFICIAL, seed=seed, story=story,
+                                                memory_budget_mib=attention_memory_budget)
         except ValueError as e:
             raise _user_error(e) from None
         return (patched,)

@@ -10,7 +10,7 @@ from ..bank import BankError
 from ..run import CALLS_KEY, CONFIG_KEY, RUN_KEY, TOKENS_KEY, AttentionCalls, CSAConfig, PatchError, RunState
 from ..schedule import layer_ordinal
 from .dit_families import DiTFamily, DiTTokenLayout
-from .lifecycle import WRAPPER_KEY
+from .lifecycle import WRAPPER_KEY, device_free_memory
 
 OVERRIDE_SLOT = "optimized_attention_override"  # ComfyUI's one override slot (wrap_attn, 0.3.60+)
 
@@ -103,7 +103,8 @@ class DiTAttentionOverride:
 
         return dit.joint_consistent_attention(q4, k4, v4, chunks=chunks, text_tokens=text, image_tokens=image,
                                               share=share, sampled=sampled, window=run.window(config),
-                                              mask=mask, bank=bank, attention=kernel)
+                                              mask=mask, bank=bank, attention=kernel,
+                                              budget=run.attention_budget(config, q.device, device_free_memory))
 
     @staticmethod
     def bank_tokens(config: CSAConfig, run: RunState, step: int, layer, kinds, image: int, heads: int,

@@ -51,6 +51,12 @@ def bank_memory_limit() -> int | None:
     return int(free * BANK_MEMORY_SHARE) if free else None
 
 
+def device_free_memory(device) -> int:
+    """Free memory of `device` as ComfyUI sees it (its allocator's free blocks included)."""
+    import comfy.model_management
+
+    return int(comfy.model_management.get_free_memory(device))
+
 
 def start_run(config: CSAConfig, batch: int, sample_sigmas, roles: tuple = CFG_ROLES, grid=None) -> RunState:
     """The state of one sampling run; `grid`: the latent's (height, width), which a bank read must share with its

@@ -6,7 +6,7 @@ import dataclasses
 
 from ...common import comfy_adapter as glue
 from ..bank import IdentityBank
-from ..run import CONFIG_KEY, MODE_READ, MODE_WRITE, CSAConfig, PatchError
+from ..run import AUTO_BUDGET, CONFIG_KEY, MODE_READ, MODE_WRITE, CSAConfig, PatchError
 from ..schedule import Schedule, select_layers
 from .dit_families import dit_family
 from .dit_override import patch_dit
@@ -16,11 +16,14 @@ from .unet import BankWriteTap, patch_unet, unet_layers
 
 
 def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_choice: str, custom_layers: str,
-                start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None):
+                start_percent: float, end_percent: float, official_schedule: bool, seed: int, story=None,
+                memory_budget_mib: int = AUTO_BUDGET):
     """A clone of `model` with Consistent Self-Attention on the chosen layers (the input is untouched).
 
     UNets: attn1 replaces. DiTs (Flux.1, Flux.2, Chroma, SD3, Qwen-Image, Lumina 2 / Z-Image, HiDream): the attention override; `rate_high_res` does not
-    apply (one rate for every block) and the "official" layer choice means the family's default blocks."""
+    apply (one rate for every block) and the "official" layer choice means the family's default blocks.
+    memory_budget_mib: extra memory one attention call may take for query panels' K/V (MiB; 0 = one panel per
+    call; AUTO_BUDGET = a share of the device's free memory at each run's first call, one panel on the CPU)."""
     family = dit_family(model)
     if family is not None:
         diffusion_model = model.model.diffusion_model
@@ -43,7 +46,8 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
                        panel_characters=panel_characters, identity_rows=identity_rows,
                        attn1={layer: attn1[layer] for layer in layers if layer in attn1},
                        attn1_paths=module_paths(model, {layer: attn1[layer] for layer in layers if layer in attn1}),
-                       family=family.name if family is not None else "UNet")
+                       family=family.name if family is not None else "UNet",
+                       memory_budget_mib=AUTO_BUDGET if memory_budget_mib is None else int(memory_budget_mib))
     patched = patch_dit(model, family) if family is not None else patch_unet(model, layers, high_res)
     patched.model_options["transformer_options"][CONFIG_KEY] = config
     install_run_wrappers(patched)

@@ -11,6 +11,7 @@ from ..bank import BankError
 from ..run import CONFIG_KEY, RUN_KEY, CSAConfig, PatchError, RunState
 from ..schedule import layer_ordinal
 from .dit_families import unsupported_model_error
+from .lifecycle import device_free_memory
 
 MULTIGPU_DEVICE = "multigpu_thread_device"  # ComfyUI 0.29+ multi-GPU: the device (and model clone) of this call
 
@@ -143,6 +144,7 @@ class LayerReplace:
             return self.plain(q, k, v, extra_options)
         return core.consistent_attention(q, k, v, extra_options["n_heads"], chunks=chunks, share=share,
                                          sampled=sampled, window=run.window(config), bank=bank,
+                                         budget=run.attention_budget(config, q.device, device_free_memory),
                                          attention=glue.comfy_attention(extra_options))
 
 
