@@ -10,13 +10,14 @@ CROPS = ("center", "none")
 
 
 class StoryConsistencyReference:
-    DESCRIPTION = ("Reference images of one story character, for Story Consistency's cross score (how close the "
+    DESCRIPTION = ("Reference images of one story character: for Identity Bank From Images (panels then share "
+                   "attention tokens with these images) and for Story Consistency's cross score (how close the "
                    "character's panels are to these images). Chain one node per character, like PhotoMaker Character.")
     CATEGORY = SUBCATEGORY
     RETURN_TYPES = (CONSISTENCY_REFERENCES_TYPE,)
     RETURN_NAMES = ("references",)
-    OUTPUT_TOOLTIPS = (("The references bound so far: connect to the next Story Consistency Reference or to Story "
-                        "Consistency."),)
+    OUTPUT_TOOLTIPS = (("The references bound so far: connect to the next Story Consistency Reference, to Identity "
+                        "Bank From Images or to Story Consistency."),)
     FUNCTION = "bind"
 
     @classmethod

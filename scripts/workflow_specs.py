@@ -237,6 +237,77 @@ def comic_sdxl_photomaker(b: WorkflowBuilder) -> None:
     b.connect(page, "pages", save, "images")
 
 
+REFERENCE_SHEET_FILE = ModelFile("input", "storydiffusion_character_sheet.png", "photo")
+REFERENCE_CHARACTER = "Ann"
+REFERENCE_DESCRIPTION = "a girl with curly black hair, yellow raincoat, red boots"
+REFERENCE_STORY = {
+    "characters": f"[{REFERENCE_CHARACTER}] {REFERENCE_DESCRIPTION}",
+    "panels": f"[{REFERENCE_CHARACTER}] jumps into a puddle # Splash!\n"
+              f"[{REFERENCE_CHARACTER}] feeds ducks at a pond\n"
+              "[NC] a paper boat floating on a stream\n"
+              f"[{REFERENCE_CHARACTER}] waves from a bridge at sunset # Bye!",
+    "style": "Comic book", "identity_panels": 1}
+
+
+def comic_from_reference(b: WorkflowBuilder) -> None:
+    """Reference image -> Identity Bank From Images -> Identity Bank Read -> KSampler for the panels -> comic page:
+    every panel shares tokens with the user's own drawing of the character (SDXL)."""
+    b.note("## A character from your own image (SDXL)\nPut a picture of the character in **Load Image**: a character "
+           "sheet, a drawing, a photo or an earlier panel (a tight, plain-background crop works best). **Story "
+           "Consistency Reference** binds it to the story's `[Name]` (chain one per character, batch several views of "
+           "one character with Batch Images). **Identity Bank From Images** noises the reference to every step's level "
+           "the way the model samples and runs it once per step through **Consistent Self-Attention**: the bank "
+           "holds the reference's own tokens. **Identity Bank Read** then lets every story panel attend to the tokens "
+           "of its characters; `[NC]` panels read nothing. `rate` on Consistent Self-Attention sets how many reference "
+           "tokens a panel reads.\n\n"
+           "**Keep in step:** Identity Bank From Images' steps, cfg, sampler, scheduler, denoise, width and height are "
+           "those of the KSampler and Empty Latent Image that read the bank (a read with another step count or size is "
+           "refused with the reason). Its prompt (**Character prompt**) is the character's description.\n\n"
+           "**vs PhotoMaker:** PhotoMaker (SDXL, real faces) steers the prompt from photos; this shares the "
+           "reference's attention tokens and works for drawn characters and on every family (SD1.5, SDXL, Flux, "
+           "SD3, Qwen-Image, Z-Image). Files: an SDXL checkpoint in `models/checkpoints`.\n\n"
+           f"**Settings:** {SDXL_SIZE}×{SDXL_SIZE} (SDXL's own size), {SDXL_SAMPLER['steps']} steps, cfg "
+           f"{SDXL_SAMPLER['cfg']:g}, dpmpp_2m / karras in both places. **VRAM:** the checkpoint is about 7 GB; one "
+           "step over the four panels (cond + uncond: 8 latent rows at 128×128) about 2.1 GB more, and one step of the "
+           "bank: a 24 GB card takes the four panels in one batch with a wide margin. The bank lives in RAM (storage "
+           "cpu): one reference × 30 steps in fp16 ≈ 3.3 GB (fp8: half); more panels read it a few at a time (Select "
+           "Story Panels, as in *Two characters, twelve panels*).", 0, height=740, width=380)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SDXL_CHECKPOINT})
+    sheet = b.add("LoadImage", 0, {"image": REFERENCE_SHEET_FILE}, title="Load Image (character reference)")
+    story = b.add("StoryDiffusionStory", 1, REFERENCE_STORY, width=420)
+    reference = b.add("StoryDiffusionConsistencyReference", 1, {"character": REFERENCE_CHARACTER})
+    character_prompt = b.add("CLIPTextEncode", 1, {"text": f"{REFERENCE_DESCRIPTION}, comic book style"},
+                             title="Character prompt")
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 2, {"seed": 7})
+    from_images = b.add("StoryDiffusionIdentityBankFromImages", 2, dict(
+        {"seed": 11, "width": SDXL_SIZE, "height": SDXL_SIZE, "denoise": 1.0}, **SDXL_SAMPLER))
+    read = b.add("StoryDiffusionIdentityBankRead", 3)
+    latent = b.add("EmptyLatentImage", 3, {"width": SDXL_SIZE, "height": SDXL_SIZE})
+    sampler = b.add("KSampler", 3, dict({"seed": 42}, **SDXL_SAMPLER))
+    decode = b.add("VAEDecode", 4)
+    page = b.add("StoryDiffusionComicPage", 4, {"layout": "classic comic", "page_width": 768})
+    save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/comic_from_reference"})
+    b.connect(sheet, "IMAGE", reference, "images")
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "CLIP", character_prompt, "clip")
+    b.connect(ckpt, "MODEL", csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(csa, "model", from_images, "model")
+    b.connect(ckpt, "VAE", from_images, "vae")
+    b.connect(reference, "references", from_images, "references")
+    b.connect(character_prompt, 0, from_images, "positive")
+    b.connect(story, "negative", from_images, "negative")
+    b.connect(story, "story", from_images, "story")
+    b.connect(csa, "model", read, "model")
+    b.connect(from_images, "bank", read, "bank")
+    b.connect(story, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(read, "model"), positive=(story, "positive"),
+                      negative=(story, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+
+
 CLIP_VISION_FILE = ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_vit_l")
 IPADAPTER_SD15_FILE = ModelFile("ipadapter", "ip-adapter_sd15.safetensors", "ipadapter_sd15")
 VIDEO_PANELS = 3
@@ -563,6 +634,10 @@ WORKFLOWS: dict[str, Workflow] = {
     "comic_sdxl_photomaker": Workflow(
         comic_sdxl_photomaker, "Your own character from reference photos (PhotoMaker), kept consistent across a "
                                "comic strip (SDXL).", (".png",), title="Comic from photos (SDXL, PhotoMaker)"),
+    "comic_from_reference": Workflow(
+        comic_from_reference, "Your own character from one reference image (a drawing, a character sheet, a photo): "
+                              "every panel shares attention tokens with it through an identity bank (SDXL).",
+        (".png",), title="Comic from a reference image (SDXL)"),
     "story_to_video": Workflow(
         story_to_video, "Story panels to a video: each pair of panels becomes a transition, joined into one mp4.",
         (".mp4",), title="Story panels to video"),

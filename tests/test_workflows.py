@@ -484,7 +484,57 @@ def check_story_to_video_wan(server, prompt: dict, outputs: dict, files: list[st
     assert np.abs(steered - unsteered).mean() > 0.5, "Wan Per-frame Semantics did not change the sampled frames"
 
 
+def _run_saving_panels(server, prompt: dict, decode_id: str, prefix: str) -> list[np.ndarray]:
+    """Run `prompt` with one more Save Image on the panels' VAE Decode: the decoded panels, in batch order."""
+    prompt = json.loads(json.dumps(prompt))
+    prompt["save_panels"] = {"class_type": "SaveImage", "inputs": {"images": [decode_id, 0], "filename_prefix": prefix}}
+    outputs = server.run(prompt)
+    images = outputs["save_panels"]["images"]
+    return [np.asarray(Image.open(os.path.join(server.output_dir, i["subfolder"], i["filename"])).convert("RGB"),
+                       dtype=np.int16) for i in images]
+
+
+def check_comic_from_reference(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """The panels' KSampler reads the bank Identity Bank From Images wrote from the Load Image reference, bound to the
+    story's character, with the reading run's schedule and size; the reference decides the character's panels: with
+    another reference image the same prompt draws other panels of the character, and the same [NC] panel."""
+    specs = make_workflows.specs
+    sampler_id, sampler = next((k, n) for k, n in prompt.items() if n["class_type"] == "KSampler")
+    read = prompt[_linked(prompt, sampler, "model", "StoryDiffusionIdentityBankRead")[0]]
+    from_images = prompt[_linked(prompt, read, "bank", "StoryDiffusionIdentityBankFromImages")[0]]
+    csa = _linked(prompt, read, "model", "StoryDiffusionConsistentSelfAttention")
+    assert _linked(prompt, from_images, "model") == csa  # written and read through the same CSA settings
+    for name in ("steps", "cfg", "sampler_name", "scheduler", "denoise"):
+        assert from_images["inputs"][name] == sampler["inputs"][name], name
+    latent = prompt[_linked(prompt, sampler, "latent_image", "EmptyLatentImage")[0]]
+    assert [from_images["inputs"][k] for k in ("width", "height")] == [latent["inputs"][k] for k in ("width", "height")]
+    reference = prompt[_linked(prompt, from_images, "references", "StoryDiffusionConsistencyReference")[0]]
+    assert reference["inputs"]["character"] == specs.REFERENCE_CHARACTER
+    load_id, _ = _linked(prompt, reference, "images", "LoadImage")
+    assert prompt[load_id]["inputs"]["image"] == specs.REFERENCE_SHEET_FILE
+    text = prompt[_linked(prompt, from_images, "positive", "CLIPTextEncode")[0]]["inputs"]["text"]
+    assert specs.REFERENCE_DESCRIPTION in text
+    # the panels with this reference and with another one: the character's panels change, the [NC] panel does not
+    decode_id = next(k for k, n in prompt.items() if n["class_type"] == "VAEDecode"
+                     and n["inputs"]["samples"] == [sampler_id, 0])
+    other = "storydiffusion_other_reference.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(server.input_dir, other))
+    changed = json.loads(json.dumps(prompt))
+    changed[load_id]["inputs"]["image"] = other
+    panels = _run_saving_panels(server, prompt, decode_id, "reference_panels")
+    other_panels = _run_saving_panels(server, changed, decode_id, "other_reference_panels")
+    lines = specs.REFERENCE_STORY["panels"].splitlines()
+    assert len(panels) == len(other_panels) == len(lines)
+    for line, panel, other_panel in zip(lines, panels, other_panels):
+        if line.startswith("[NC]"):
+            assert np.array_equal(panel, other_panel), f"{line!r} shows no character but changed with the reference"
+        else:
+            assert np.abs(panel - other_panel).max() > 0, f"{line!r} did not change with the reference image"
+
+
 WORKFLOW_CHECKS = {"story_characters": check_story_characters,
+                   "comic_from_reference": check_comic_from_reference,
                    "story_to_video_animatediff": check_story_to_video_animatediff,
                    "story_to_video_wan": check_story_to_video_wan}
 
@@ -792,6 +842,17 @@ if (!nav) return { error: 'no category for the pack in the template browser' };
 nav.click();
 await sleep(1500);
 const dialog = document.querySelector(DIALOG);
+// cards below the fold load their image when scrolled into view: visit every card, then wait for the images
+for (let seen = -1, i = 0; i < 20; i++) {
+  const images = [...dialog.querySelectorAll('img')];
+  if (images.length === seen) break;
+  seen = images.length;
+  for (const image of images) { image.scrollIntoView({ block: 'center' }); await sleep(150); }
+}
+for (let i = 0; i < 100; i++) {
+  if ([...dialog.querySelectorAll('img')].every((image) => image.complete && image.naturalWidth > 0)) break;
+  await sleep(100);
+}
 const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
 const store = pinia._s.get('workflowTemplates');
 return {

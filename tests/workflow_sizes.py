@@ -36,6 +36,8 @@ TEST_VALUES: dict[str, dict[str, int]] = {
     "EmptySD3LatentImage": {"width": TEST_SIZE, "height": TEST_SIZE},
     "WanFirstLastFrameToVideo": {"width": TEST_SIZE, "height": TEST_SIZE, "length": TEST_FRAMES},
     "KSampler": {"steps": TEST_STEPS},
+    # its steps and panel size are the reading KSampler's and latent's: the tests set both alike
+    "StoryDiffusionIdentityBankFromImages": {"steps": TEST_STEPS, "width": TEST_SIZE, "height": TEST_SIZE},
     "StoryDiffusionSemanticMotionPredictor": {"frames": TEST_FRAMES},
     "ADE_StandardStaticContextOptions": {"context_length": TEST_CONTEXT_LENGTH,
                                          "context_overlap": TEST_CONTEXT_OVERLAP},
