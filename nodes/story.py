@@ -9,6 +9,7 @@ from ..story import comfy_adapter
 from ..story.model import PanelSelection
 from ..story.order import in_story_order
 from ..story.parse import parse_story
+from ..story.share import participant_rows
 from ..story.styles import NO_STYLE, STYLE_NAMES, apply_style, style_negative
 
 EXAMPLE_CHARACTERS = "[Mia] a young woman with short red hair, green raincoat\n[Leo] an old man with a white beard, blue sweater"
@@ -105,19 +106,25 @@ class StoryDiffusionSelectPanels:
         "Picks some panels out of the Story node's conditioning batches, so a KSampler can sample only those: "
         "the identity panels (for 'Identity Bank Write'), every other panel, or a range of panels (for "
         "'Identity Bank Read', a few panels at a time). Outputs the batch size to use, the story index of the "
-        "first panel and which story panels were picked (for 'Panels In Story Order')."
+        "first panel and which story panels were picked (for 'Panels In Story Order'). Several machines "
+        "(ComfyUI-Distributed): participant and participants give each machine its share of the selection, and "
+        "the latent output starts every panel from the noise of its story index, so the panels do not depend on "
+        "how the story is split."
     )
     CATEGORY = f"{CATEGORY}/story"
     FUNCTION = "select"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT", PANELS_TYPE)
-    RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel", "panels")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT", PANELS_TYPE, "LATENT")
+    RETURN_NAMES = ("positive", "negative", "panel_count", "first_panel", "panels", "latent")
     OUTPUT_TOOLTIPS = (
         "The selected panels' positive conditioning, in story order.",
         "The selected panels' negative conditioning.",
         "How many panels were selected: connect to the batch_size of Empty Latent Image.",
         "Story index of the first selected panel: connect to 'first_panel' of Identity Bank Read.",
         ("Which story panel each selected row is: connect to 'Panels In Story Order' next to the images this "
-         "run decodes, so runs can be joined back in story order."),
+         "run decodes, so runs can be joined back in story order (with several participants: next to the "
+         "Distributed Collector's images)."),
+        ("One latent per selected panel, each drawing its noise by its story index (needs the latent input): "
+         "connect to the KSampler instead of an Empty Latent Image of panel_count."),
     )
     # appended only: saved workflows store these values
     SELECTIONS = ("identity panels", "panel range", "panels that are not identity panels")
@@ -139,10 +146,26 @@ class StoryDiffusionSelectPanels:
                                         "tooltip": "For 'panel range': story index (0-based) of the first panel."}),
                 "count": ("INT", {"default": 0, "min": 0, "max": 10000,
                                   "tooltip": "For 'panel range': how many panels; 0 = up to the end of the story."}),
-            }
+            },
+            "optional": {
+                "participant": ("INT", {
+                    "default": 0, "min": 0, "max": 1024,
+                    "tooltip": "Several machines (ComfyUI-Distributed): which machine this is. Connect Distributed "
+                               "Seed with its seed set to 0: it gives the master 0 and the workers 1, 2, ..."}),
+                "participants": ("INT", {
+                    "default": 1, "min": 1, "max": 1024,
+                    "tooltip": "How many machines share the selection: the master plus every enabled worker (1 = "
+                               "this machine samples all of it). Each takes a contiguous share; Panels In Story "
+                               "Order puts the Distributed Collector's images back in story order."}),
+                "latent": ("LATENT", {
+                    "tooltip": "An Empty Latent Image with batch_size 1 (the panel size): the latent output then "
+                               "holds one latent per selected panel whose noise is drawn by its story index, so a "
+                               "panel is the same whichever machine or batch samples it."}),
+            },
         }
 
-    def select(self, positive, negative, story, select, first_panel, count):
+    def select(self, positive, negative, story, select, first_panel, count, participant=0, participants=1,
+               latent=None):
         total = len(story)
         if select == self.SELECTIONS[0]:
             rows = list(story.identity_rows)
@@ -164,8 +187,17 @@ class StoryDiffusionSelectPanels:
             rows = list(range(first_panel, end))
         else:
             raise ValueError(f"unknown selection {select!r}; choose one of {list(self.SELECTIONS)}")
+        selection = PanelSelection(rows=tuple(rows), story_length=total)
+        if participants > 1:
+            share = participant_rows(rows, participant, participants)
+            selection = PanelSelection(share, total, split_rows=tuple(rows), participant=participant,
+                                       participants=participants)
+        elif participant != 0:
+            raise ValueError(f"participant is {participant} but participants is 1: set participants to the number "
+                             f"of machines (the master plus the enabled ComfyUI-Distributed workers)")
+        rows = list(selection.rows)
         return (comfy_adapter.select_rows(positive, rows), comfy_adapter.select_rows(negative, rows), len(rows),
-                rows[0], PanelSelection(rows=tuple(rows), story_length=total))
+                rows[0], selection, comfy_adapter.panel_latent(latent, selection.rows))
 
 
 class StoryDiffusionStoryOrder:
@@ -173,7 +205,9 @@ class StoryDiffusionStoryOrder:
         "Joins the images of panels sampled in separate runs (for example the identity panels, then the other "
         "panels) into one batch in story order. Connect each run's decoded images with the 'panels' output of "
         "the Select Story Panels node that picked its conditioning. Every story panel must be given exactly "
-        "once (or turn on allow_gaps), and all images must have the same size."
+        "once (or turn on allow_gaps), and all images must have the same size. A selection split among "
+        "machines (participants > 1) takes the Distributed Collector's images, every machine's share; if a "
+        "share is missing (a worker offline at the start) it stops and names the missing panels."
     )
     CATEGORY = f"{CATEGORY}/story"
     FUNCTION = "join"

@@ -270,3 +270,23 @@ def select_rows(conditioning: list, rows: list[int]) -> list:
                       else v) for k, v in options.items()}
         out.append([cond.index_select(0, index), picked])
     return out
+
+
+def panel_latent(template: dict | None, rows: tuple[int, ...]):
+    """One latent row per selected panel with `batch_index` = the panels' story indices, so ComfyUI's samplers
+    draw each panel's initial noise by its story index (comfy.sample.prepare_noise keeps row i of the noise of
+    a batch of max(index) + 1): a panel starts from the same noise whatever batch, run or machine samples it.
+    Without a template, an ExecutionBlocker that stops whatever reads the output with a message saying what to do."""
+    if template is None:
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        return ExecutionBlocker("Select Story Panels' latent output needs a latent input: connect Empty Latent Image "
+                                "(batch_size 1, the panel size) to its latent input")
+    samples = template["samples"]
+    if samples.shape[0] != 1:
+        raise ConditioningError(f"the latent input holds {samples.shape[0]} latents: connect one (Empty Latent Image "
+                                f"with batch_size 1); Select Story Panels makes one per selected panel")
+    out = {k: v for k, v in template.items() if k not in ("samples", "batch_index", "noise_mask")}
+    out["samples"] = samples.repeat((len(rows),) + (1,) * (samples.ndim - 1))
+    out["batch_index"] = [int(r) for r in rows]
+    return out

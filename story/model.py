@@ -64,9 +64,15 @@ class PanelSelection:
     """Which story panels a selected batch holds: rows[k] is the story index of batch row k."""
     rows: tuple[int, ...]
     story_length: int  # panels in the whole story (selections of different stories do not mix)
+    # A share of a selection split among the machines of a ComfyUI-Distributed run (story/share.py): `rows` is
+    # this machine's share, `split_rows` the whole selection (every participant's share, in participant order).
+    split_rows: tuple[int, ...] = ()
+    participant: int = 0
+    participants: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        object.__setattr__(self, "split_rows", tuple(int(r) for r in self.split_rows))
         if not self.rows:
             raise ValueError("a panel selection needs at least one panel")
         bad = [r for r in self.rows if not 0 <= r < self.story_length]
@@ -75,6 +81,15 @@ class PanelSelection:
                              f"0-{self.story_length - 1})")
         if len(set(self.rows)) != len(self.rows):
             raise ValueError(f"a panel selection lists a panel twice: {list(self.rows)}")
+
+    @property
+    def is_share(self) -> bool:
+        """One machine's share of a selection split among several (its images come back through a collector)."""
+        return self.participants > 1
+
+    def whole(self) -> PanelSelection:
+        """The selection before it was split (itself when it is not a share)."""
+        return PanelSelection(self.split_rows, self.story_length) if self.is_share else self
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .model import PanelSelection
+from .share import collected_shares, share_bounds
 
 
 def _ranges(rows) -> str:
@@ -31,6 +32,29 @@ def _size(images: torch.Tensor) -> str:
     return size if images.ndim < 4 or images.shape[3] == 3 else f"{size} with {images.shape[3]} channels"
 
 
+def _collected(name: str, images: torch.Tensor, selection: PanelSelection) -> PanelSelection:
+    """A share (one machine's part of a split selection, story/share.py) stands for the whole selection: its images
+    are the Distributed Collector's batch, every participant's share in participant order. Refuses a batch that
+    misses shares, saying which panels and what to do."""
+    if not selection.is_share or images.ndim != 4:
+        return selection
+    whole, received, count = selection.whole(), images.shape[0], selection.participants
+    if received == len(whole):
+        return whole
+    present = collected_shares(received, len(whole), count)
+    if present is None or present == 0:
+        return selection  # not a collected batch: the size check below names both counts
+    missing = whole.rows[share_bounds(len(whole), count)[present][0]:]
+    who = "the master's share only" if present == 1 else f"the shares of participants 0-{present - 1} only"
+    raise ValueError(
+        f"images_{name} has {received} images, {who}, but the selection was split among {count} participants "
+        f"({len(whole)} panels): story panels {_ranges(missing)} are missing and nothing was joined. A worker that "
+        f"is offline when the run starts is skipped by ComfyUI-Distributed (its log says 'is offline, skipping'), "
+        f"and queueing without workers runs the master alone. Start the missing worker(s) and queue again, or set "
+        f"participants on Select Story Panels to {present} (the master plus the workers that answer). Connect the "
+        f"images output of Distributed Collector here, not a single machine's images.")
+
+
 def in_story_order(parts: Sequence[tuple[str, torch.Tensor, PanelSelection]],
                    allow_gaps: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(name, images [B, H, W, C], selection) per run -> (images in story order, their story indices).
@@ -46,6 +70,8 @@ def in_story_order(parts: Sequence[tuple[str, torch.Tensor, PanelSelection]],
         if not isinstance(selection, PanelSelection):
             raise TypeError(f"panels_{name} is not a panel selection: connect the 'panels' output of "
                              f"Select Story Panels")
+    parts = [(name, images, _collected(name, images, selection)) for name, images, selection in parts]
+    for name, images, selection in parts:
         if images.ndim != 4:
             raise ValueError(f"images_{name} is not an image batch (shape {list(images.shape)})")
         if images.shape[0] != len(selection.rows):

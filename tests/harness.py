@@ -121,8 +121,10 @@ def write_extra_model_paths(models_dir: str, path: str) -> str:
 class ComfyServer:
     """`python main.py --cpu` in a subprocess, with this pack in custom_nodes (scripts/setup.sh links it)."""
 
-    def __init__(self, workdir: str, models_dir: str, python: str | None = None, extra_args: tuple = ()):
+    def __init__(self, workdir: str, models_dir: str, python: str | None = None, extra_args: tuple = (),
+                 env: dict | None = None):
         self.workdir = workdir
+        self.env = dict(env or {})  # extra environment variables of the server process
         self.extra_args = tuple(extra_args)
         self.models_dir = models_dir
         self.port = free_port()
@@ -142,7 +144,7 @@ class ComfyServer:
                "--temp-directory", os.path.join(self.workdir, "temp"), "--user-directory", os.path.join(self.workdir, "user"),
                "--extra-model-paths-config", extra, "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args]
         self.log = open(self.log_path, "w")  # noqa: SIM115 (the server writes to it until stop() closes it)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(cmd, cwd=comfy_path(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:

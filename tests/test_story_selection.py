@@ -61,7 +61,7 @@ def test_selects_the_panels_that_are_not_identity_panels(select, story_outputs):
     assert count == 6 and story.identity_rows == (0, 1, 3, 4)
     ((cond, extras),), ((neg_cond, _),) = positive, negative
     for choice, rows in [(NOT_IDENTITY, [2, 5]), ("identity panels", [0, 1, 3, 4]), ("panel range", [1, 2, 3, 4, 5])]:
-        pos, neg, picked, first, panels = select.select(positive, negative, story, choice, 1, 0)
+        pos, neg, picked, first, panels, _ = select.select(positive, negative, story, choice, 1, 0)
         ((p_cond, p_extras),), ((n_cond, _),) = pos, neg
         assert torch.equal(p_cond, cond[rows])
         assert torch.equal(p_extras["pooled_output"], extras["pooled_output"][rows])
@@ -94,8 +94,8 @@ def test_selection_values_keep_their_order_for_saved_workflows(select):
     assert select.SELECTIONS == ("identity panels", "panel range", NOT_IDENTITY)
     spec = type(select).INPUT_TYPES()["required"]["select"]
     assert spec[0] == list(select.SELECTIONS) and spec[1]["default"] == "identity panels"
-    assert type(select).RETURN_NAMES == ("positive", "negative", "panel_count", "first_panel", "panels")
-    assert type(select).RETURN_TYPES[4] == "STORYDIFFUSION_PANELS" and len(type(select).OUTPUT_TOOLTIPS) == 5
+    assert type(select).RETURN_NAMES == ("positive", "negative", "panel_count", "first_panel", "panels", "latent")
+    assert type(select).RETURN_TYPES[4] == "STORYDIFFUSION_PANELS" and len(type(select).OUTPUT_TOOLTIPS) == 6
 
 
 def test_story_order_puts_every_image_at_its_story_index(order):
