@@ -6,7 +6,9 @@ The real Flux.1 dev layout (19 double + 38 single blocks, 3072 wide, 24 heads, T
 guidance embedding; 11.9 B parameters) with random bf16 weights, at 1024 px (a 128x128 latent: 4096 image tokens)
 with 512 text tokens, one chunk per call (Flux dev samples at cfg 1). One "step" is one model call through
 BaseModel.apply_model with the pack's wrappers, as the sampler makes it. Modes: plain; CSA on the default blocks
-(double 10-18 + single 0-37) at rate 0.5, whole batch; CSA with window 4.
+(double 10-18 + single 0-37) at rate 0.5, whole batch; CSA with window 4; each CSA mode once with one query panel
+per attention call (G=1, attention memory budget 0) and once grouped (--budget, default the node's automatic
+budget: a share of the free GPU memory at the run's first call, resolved budget printed).
 
 Printed per mode and panel count: step seconds (best of --repeats after a warm-up), CSA / plain, CSA / FLOP
 estimate (plain time x (model FLOPs + the extra attention FLOPs of the longer K/V) / model FLOPs; model FLOPs
@@ -142,9 +144,12 @@ def extra_attention_flops(config, panels, image, window) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--panels", default="2,4,8")
+    parser.add_argument("--panels", default="2,4,8")  # flux_model_grouped_step_vs_flops: the grouped rows' worst
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="2 double + 2 single blocks, 256 px (CPU smoke run)")
+    parser.add_argument("--budget", type=int, default=-1,
+                        help="attention memory budget (MiB) of the grouped rows; -1 (default): the node's automatic "
+                             "budget (a share of the free GPU memory at the run's first call; 0 on the CPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.small:
@@ -166,10 +171,10 @@ def main():
     sigmas = [float(s) for s in torch.linspace(1.0, 0.0, 21)]
     sigma = sigmas[5]
 
-    def patched(window):
+    def patched(window, budget):
         return csa.patch_model(flux, rate=0.5, rate_high_res=0.5, window=window,
                                        layer_choice="output blocks (official)", custom_layers="", start_percent=0.0,
-                                       end_percent=1.0, official_schedule=False, seed=0)
+                                       end_percent=1.0, official_schedule=False, seed=0, memory_budget_mib=budget)
 
     rows, summary = [], {}
     for panels in [int(p) for p in args.panels.split(",")]:
@@ -180,10 +185,11 @@ def main():
         with counter:
             model_call(flux, panels, latent, sigma, sigmas)
         base = counter.get_total_flops()
-        for mode, window in (("whole batch", 0), ("window 4", 4)):
+        for mode, window, budget in (("whole batch, G=1", 0, 0), ("whole batch, grouped", 0, args.budget),
+                                     ("window 4, G=1", 4, 0), ("window 4, grouped", 4, args.budget)):
             if window and panels <= window:
                 continue
-            model = patched(window)
+            model = patched(window, budget)
             config = model.model_options["transformer_options"][csa.CONFIG_KEY]
             run = csa.start_run(config, panels, sigmas)
             difference = (model_call(model, panels, latent, sigma, sigmas, run).float()
@@ -195,25 +201,28 @@ def main():
             m_csa = peak_extra(csa_call, device)
             extra = extra_attention_flops(config, panels, image, window)
             estimate = t_plain * (base + extra) / base
+            budget_mib = max(run.budgets.values(), default=0) / 2**20  # what the run resolved at its first call
             rows.append((mode, panels, t_plain, t_csa, t_csa / t_plain, t_csa / estimate, m_plain, m_csa,
-                         m_csa / m_plain if not math.isnan(m_plain) and m_plain > 0 else float("nan"), len(config.layers)))
+                         m_csa / m_plain if not math.isnan(m_plain) and m_plain > 0 else float("nan"), len(config.layers),
+                         budget_mib))
             print(f"  measured {mode}, {panels} panels", file=sys.stderr, flush=True)
 
     print()
-    print("| mode | panels | plain s | CSA s | CSA / plain | CSA / FLOP estimate | plain extra MiB | CSA extra MiB | "
-          "memory ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mode | panels | budget MiB | plain s | CSA s | CSA / plain | CSA / FLOP estimate | plain extra MiB | "
+          "CSA extra MiB | memory ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.0f} | {r[7]:.0f} | "
-              f"{r[8]:.2f} |")
+        print(f"| {r[0]} | {r[1]} | {r[10]:.0f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.0f} | "
+              f"{r[7]:.0f} | {r[8]:.2f} |")
     summary = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "params_b": round(params / 1e9, 2),
                "pixels": latent * 8, "blocks_with_csa": rows[0][9] if rows else 0,
                "flux_model_step_vs_plain": max((round(r[4], 3) for r in rows), default=None),
                "flux_model_step_vs_flops": max((round(r[5], 3) for r in rows), default=None),
+               "flux_model_grouped_step_vs_flops": max((round(r[5], 3) for r in rows if "grouped" in r[0]), default=None),
                "flux_model_mem_vs_plain": max((round(r[8], 3) for r in rows if r[8] == r[8]), default=None),
                "rows": [dict(zip(("mode", "panels", "plain_s", "csa_s", "csa_vs_plain", "csa_vs_flops",
-                                  "plain_extra_mib", "csa_extra_mib", "mem_ratio"),
-                                 [r[0], r[1]] + [round(v, 4) for v in r[2:9]])) for r in rows]}
+                                  "plain_extra_mib", "csa_extra_mib", "mem_ratio", "budget_mib"),
+                                 [r[0], r[1]] + [round(v, 4) for v in r[2:9]] + [round(r[10], 1)])) for r in rows]}
     print(json.dumps(summary))
 
 

@@ -87,34 +87,38 @@ needs() {  # needs REASON NAME SECONDS ARGS...: run, unless REASON (non-empty) s
 
 if [ "$quick" = 1 ]; then
   q_memory=(--quick --panels 2 --geometries sd15-512 --dit-panels 2) q_attention=(--quick) q_ipadapter=(--quick)
+  q_grouping=(--quick --panels 2)
   q_video=(--frames 8 --memory-frames 16) q_identity=(--quick --small) q_motion=(--frames 4 --repeats 1)
   q_story=(--panels 2 --repeats 1)
 else
-  q_memory=() q_attention=(--latent 64) q_ipadapter=(--latent 64) q_video=(--frames 120 --memory-frames 240)
+  q_memory=() q_grouping=() q_attention=(--latent 64) q_ipadapter=(--latent 64) q_video=(--frames 120 --memory-frames 240)
   q_identity=(--quick) q_motion=(--frames 16 --repeats 3) q_story=(--panels 12 --repeats 3)
 fi
 
 # Consistent Self-Attention, one call at real geometry (SD1.5 512 px, SDXL 1024 px; 2..32 panels), fp16;
 # then the DiT part, Flux.1 1024 px joint attention (2, 4, 8 panels; 1 and 2 chunks), fp16 and bf16
-run memory 100 bench/bench_memory.py "${cuda[@]}" "${q_memory[@]}"
+run memory 80 bench/bench_memory.py "${cuda[@]}" "${q_memory[@]}"
+# query panels grouped under a memory budget: one CSA call, G=1 vs the automatic budget (a quarter of the free
+# GPU memory), SD1.5 512 px, SDXL 1024 px, Flux.1 1024 px, 2..32 panels: time / FLOP estimate, extra MiB vs budget
+run grouping 90 bench/bench_grouping.py "${q_grouping[@]}"
 # CSA in a full-size SD1.5-shaped UNet at a 64x64 latent (512 px): batch, window and bank modes
-needs "$no_comfy" attention 140 bench/bench_attention.py "${q_attention[@]}"
+needs "$no_comfy" attention 100 bench/bench_attention.py "${q_attention[@]}"
 # per-frame IP-Adapter patch (tiny UNet; 64x64 latent = 512 px)
-needs "$no_comfy" ipadapter 40 bench/bench_ipadapter.py "${q_ipadapter[@]}"
+needs "$no_comfy" ipadapter 35 bench/bench_ipadapter.py "${q_ipadapter[@]}"
 # Video Combine at 512x512 (encoding runs on the CPU)
-needs "$no_av" video 50 bench/bench_video.py "${q_video[@]}"
+needs "$no_av" video 40 bench/bench_video.py "${q_video[@]}"
 # PhotoMaker Fuse with the real-size ViT-L/14 and CLIP-L + CLIP-G (CPU-bound; one repeat)
 # (identity and story_comic load ComfyUI's node API, comfy_api, which imports PyAV)
-needs "${no_comfy:-$no_av}" identity 50 bench/bench_identity.py "${q_identity[@]}"
+needs "${no_comfy:-$no_av}" identity 40 bench/bench_identity.py "${q_identity[@]}"
 # Semantic Motion Predictor, paper size (CPU-bound)
-run motion 40 bench/bench_motion.py "${q_motion[@]}"
-# a whole Flux.1 dev step (11.9 B random bf16 parameters, 1024 px) with and without CSA: CUDA only
+run motion 30 bench/bench_motion.py "${q_motion[@]}"
+# a whole Flux.1 dev step (11.9 B random bf16 parameters, 1024 px) with and without CSA (G=1 and grouped): CUDA only
 no_cuda=
 [ ${#cuda[@]} -eq 0 ] && no_cuda="skipped: needs CUDA (a full-size Flux.1 dev model)"
 [ "$quick" = 1 ] && no_cuda="skipped: not in a quick run"
-needs "${no_comfy:-$no_cuda}" flux_model 150 bench/bench_flux_model.py --panels 2,4,8
+needs "${no_comfy:-$no_cuda}" flux_model 160 bench/bench_flux_model.py --panels 2,4,8
 # Story node encoding and comic pages
-needs "${no_comfy:-$no_av}" story_comic 30 bench/bench_story_comic.py "${q_story[@]}"
+needs "${no_comfy:-$no_av}" story_comic 25 bench/bench_story_comic.py "${q_story[@]}"
 
 echo "[gpu.sh] results in $out" >&2
 cat "$out/summary.txt"
