@@ -197,6 +197,15 @@ def placeholder_panel(colour: tuple, label: str, size: int, fonts):
 def thumbnail_plan(name: str, object_info: dict) -> dict:
     """What the thumbnail of a shipped workflow shows: {"kind": "page"|"video", "colours": [...], ...}."""
     filled = make_builder(name, object_info)
+    plots = _nodes_of(filled, "StoryDiffusionConsistencyPlot")
+    if plots:  # a sweep: the plot, over an illustrative curve, with placeholder panels for every run
+        values = pack_module("consistency.sweep").parse_values(
+            widget_value(filled, _nodes_of(filled, "StoryDiffusionValueList")[0], "values"))
+        story_node = _nodes_of(filled, "StoryDiffusionStory")[0]
+        count = len(widget_value(filled, story_node, "panels").splitlines())
+        return {"kind": "plot", "values": values, "label": widget_value(filled, plots[0], "label"),
+                "labels": [str(i + 1) for i in range(count)],
+                "colours": [placeholder_colour(i, count) for i in range(count)]}
     pages = _nodes_of(filled, "StoryDiffusionComicPage")
     if pages:
         parse = pack_module("story.parse")
@@ -235,6 +244,19 @@ def render_thumbnail(name: str, object_info: dict):
     fonts = comic.FontSet()
     panel = 256
     images = [placeholder_panel(c, label, panel, fonts) for c, label in zip(plan["colours"], plan["labels"])]
+    if plan["kind"] == "plot":
+        import numpy as np
+
+        sweep = pack_module("consistency.sweep")
+        values = plan["values"]
+        low, high = min(values), max(values)
+        curve = [0.72 + 0.18 * (1.0 - np.exp(-4.0 * (v - low) / ((high - low) or 1.0))) for v in values]
+        batch = np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])
+        picture = sweep.render_sweep_plot(values, {"self (mean)": curve}, plan["label"], panels=[batch] * len(values),
+                                          title=f"Story consistency against {plan['label']} (illustration)")
+        image = Image.fromarray(picture)
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+        return image
     if plan["kind"] == "page":
         p = plan["page"]
         fraction = p["caption_height"] if any(plan["captions"]) and p["caption_position"] == comic.CAPTION_BELOW else 0.0

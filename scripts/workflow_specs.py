@@ -621,6 +621,64 @@ def story_to_video_wan(b: WorkflowBuilder) -> None:
     b.connect(video, "fps", combine, "fps")
 
 
+TUNE_RATES = "0, 0.2, 0.35, 0.5, 0.65, 0.8"  # 0 = no sharing: the plain model's panels, the baseline
+TUNE_PANELS = ("[Mia] wakes up in a small attic room\n"
+               "[Leo] buys a newspaper at the kiosk\n"
+               "[Mia] waits at a bus stop with an umbrella\n"
+               "[Leo] feeds pigeons in the park\n"
+               "[Mia] and [Leo] laugh on the bus\n"
+               "[NC] the sun breaks through the clouds over the city")
+
+
+def tune_consistency(b: WorkflowBuilder) -> None:
+    """Value List -> the rate of Consistent Self-Attention: the story is sampled once per rate (ComfyUI list
+    execution), each run scored by Story Consistency, and Consistency Plot draws the scores against the rate."""
+    b.note("## Tune the rate with numbers (SD1.5)\n**Value List** holds the rates to try; ComfyUI runs Consistent "
+           "Self-Attention, the KSampler, VAE Decode and Story Consistency once per value, in one queue, with the same "
+           "seed. **Story Consistency** encodes each run's panels with the CLIP vision model and scores how alike each "
+           "character's panels are (cosine similarity of image embeddings; `[NC]` panels are left out). **Consistency "
+           "Plot** draws `self` (mean over the character's panel pairs) and its worst pair against the rate, with "
+           "every run's panels below: more sharing makes the characters more alike, and past some rate the poses and "
+           "scenes stop varying — pick the rate where the curve flattens and the panels still differ. Rate 0 is the "
+           "plain model.\n\nThe numbers compare runs on *your* checkpoint; they are not the paper's benchmark "
+           "(different encoder, story and crops). Score a subset of panels with Select Story Panels' `panels`; add "
+           "Story Consistency Reference nodes for a cross score against your own images.\n\n"
+           "Files: any SD1.5 checkpoint in `models/checkpoints`; a CLIP vision model in `models/clip_vision` (the "
+           "IP-Adapter one, ViT-H, or ViT-L).\n\n"
+           f"**Settings:** {SD15_SIZE}×{SD15_SIZE}, KSampler {SD15_SAMPLER['steps']} steps, cfg "
+           f"{SD15_SAMPLER['cfg']:g}, dpmpp_2m / karras, six rates = six runs of six panels. **VRAM:** the checkpoint "
+           "is about 2 GB; one step over six panels (cond + uncond: 12 latent rows at 64×64) about 1 GB more, the "
+           "CLIP vision model 2.5 GB (ViT-H, fp16: 1.3 GB): far below 24 GB.", 0, height=760, width=380)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    clip_vision = b.add("CLIPVisionLoader", 0, {"clip_name": CLIP_VISION_FILE})
+    rates = b.add("StoryDiffusionValueList", 1, {"values": TUNE_RATES}, title="Value List (rates to try)")
+    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": TUNE_PANELS,
+                                             "style": "Comic book"}, width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 2, {"seed": 7})
+    latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE})
+    sampler = b.add("KSampler", 3, dict({"seed": 42}, **SD15_SAMPLER))
+    decode = b.add("VAEDecode", 3)
+    score = b.add("StoryDiffusionStoryConsistency", 4)
+    plot = b.add("StoryDiffusionConsistencyPlot", 4, {"label": "rate"})
+    save = b.add("SaveImage", 5, {"filename_prefix": "storydiffusion/tune_consistency"})
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "MODEL", csa, "model")
+    b.connect(story, "story", csa, "story")
+    b.connect(rates, "values", csa, "rate")  # every layer shares at the swept rate: the low and the high-res ones
+    b.connect(rates, "values", csa, "rate_high_res")
+    b.connect(story, "panel_count", latent, "batch_size")
+    sample_and_decode(b, sampler, decode, model=(csa, "model"), positive=(story, "positive"),
+                      negative=(story, "negative"), latent=(latent, 0), vae=(ckpt, "VAE"))
+    b.connect(clip_vision, 0, score, "clip_vision")
+    b.connect(decode, 0, score, "panels")
+    b.connect(story, "story", score, "story")
+    b.connect(rates, "values", plot, "values")
+    b.connect(score, "self_consistency", plot, "self_consistency")
+    b.connect(score, "self_min", plot, "self_min")
+    b.connect(decode, 0, plot, "panels")
+    b.connect(plot, "plot", save, "images")
+
+
 # Template cards: `title` and `description` are what the template browser shows (web/templates.json). The
 # frontend turns "-" and "_" in a description into spaces, so descriptions avoid them.
 WORKFLOWS: dict[str, Workflow] = {
@@ -658,4 +716,8 @@ WORKFLOWS: dict[str, Workflow] = {
         story_to_video_wan, "Story panels to a video with Wan 2.1: each pair of panels becomes a first and last frame "
                             "transition, steered frame by frame by the predicted panel embeddings, joined into one mp4.",
         (".mp4",), title="Story panels to video (Wan 2.1)"),
+    "tune_consistency": Workflow(
+        tune_consistency, "Tune the sharing rate with numbers: the story sampled once per rate in one queue, each run "
+                          "scored for character consistency, and a plot of the scores against the rate (SD1.5).",
+        (".png",), title="Tune consistency (rate sweep)"),
 }

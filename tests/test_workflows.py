@@ -533,7 +533,40 @@ def check_comic_from_reference(server, prompt: dict, outputs: dict, files: list[
             assert np.abs(panel - other_panel).max() > 0, f"{line!r} did not change with the reference image"
 
 
+def check_tune_consistency(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """Value List drives both rates of Consistent Self-Attention; the story is sampled and scored once per value (the
+    test's two), and the plot's table pairs each value with the score of its own run, in the list's order."""
+    import re
+
+    kind = {key: node["class_type"] for key, node in prompt.items()}
+    values_id = next(key for key, t in kind.items() if t == "StoryDiffusionValueList")
+    assert prompt[values_id]["inputs"]["values"] == workflow_sizes.TEST_SWEEP
+    csa = next(node for node in prompt.values() if node["class_type"] == "StoryDiffusionConsistentSelfAttention")
+    assert csa["inputs"]["rate"] == csa["inputs"]["rate_high_res"] == [values_id, 0]
+    score_id = next(key for key, t in kind.items() if t == "StoryDiffusionStoryConsistency")
+    plot_id = next(key for key, t in kind.items() if t == "StoryDiffusionConsistencyPlot")
+    assert prompt[plot_id]["inputs"]["values"] == [values_id, 0]
+    assert prompt[plot_id]["inputs"]["self_consistency"] == [score_id, 0]
+    reports = outputs[score_id]["text"]
+    values = [float(v) for v in workflow_sizes.TEST_SWEEP.split(",")]
+    assert len(reports) == len(values), reports  # one scored run per value
+    means = []
+    for report in reports:
+        found = re.search(r"self  \(panels of one character\):   mean (\S+), worst pair (\S+)", report)
+        assert found, report
+        means.append((found.group(1), found.group(2)))
+    (table,) = outputs[plot_id]["text"]
+    lines = table.splitlines()
+    assert lines[0] == "rate | self (mean) | self (worst pair)"
+    for line, value, (mean, worst) in zip(lines[1:], values, means, strict=True):
+        cells = line.split(" | ")
+        assert float(cells[0]) == value
+        assert f"{float(cells[1]):.3f}" == mean and f"{float(cells[2]):.3f}" == worst, (line, mean, worst)
+    assert len([f for f in files if f.endswith(".png")]) == 1  # one plot for the whole sweep
+
+
 WORKFLOW_CHECKS = {"story_characters": check_story_characters,
+                   "tune_consistency": check_tune_consistency,
                    "comic_from_reference": check_comic_from_reference,
                    "story_to_video_animatediff": check_story_to_video_animatediff,
                    "story_to_video_wan": check_story_to_video_wan}

@@ -27,15 +27,17 @@ TEST_STEPS = 2  # a first step and one after it: multistep samplers (dpmpp_2m, u
 # frames per transition: 4k + 1 for Wan's VAE (2 latent frames: the first alone, then 4), and more than the
 # AnimateDiff test window below, so its context windows slide
 TEST_FRAMES = 5
+TEST_SWEEP = "0, 1"  # two runs of a swept setting (Value List): no sharing, and all tokens shared
 TEST_CONTEXT_LENGTH, TEST_CONTEXT_OVERLAP = 4, 2  # AnimateDiff-Evolved context windows: 0-3, then the last 4 frames
 
 # node type -> {widget name: the value the tests run with}: every widget that sets a size, a step count or a frame
 # count in a shipped workflow
-TEST_VALUES: dict[str, dict[str, int]] = {
+TEST_VALUES: dict[str, dict[str, int | str]] = {
     "EmptyLatentImage": {"width": TEST_SIZE, "height": TEST_SIZE},
     "EmptySD3LatentImage": {"width": TEST_SIZE, "height": TEST_SIZE},
     "WanFirstLastFrameToVideo": {"width": TEST_SIZE, "height": TEST_SIZE, "length": TEST_FRAMES},
     "KSampler": {"steps": TEST_STEPS},
+    "StoryDiffusionValueList": {"values": TEST_SWEEP},  # runs: one per value
     # its steps and panel size are the reading KSampler's and latent's: the tests set both alike
     "StoryDiffusionIdentityBankFromImages": {"steps": TEST_STEPS, "width": TEST_SIZE, "height": TEST_SIZE},
     "StoryDiffusionSemanticMotionPredictor": {"frames": TEST_FRAMES},
