@@ -214,6 +214,41 @@ def test_unet_bank_write_and_read_equal_the_sequential_run(csa, sd15, split):
     check_threads(split, {d: None for d in DEVICES})  # the read projected the bank with each device's own to_k/to_v
 
 
+def test_flux_bank_write_and_read_equal_the_sequential_run(csa, flux, split):
+    """The DiT bank (sampled image keys and values after RoPE, from the attention override) written by the identity
+    panels and read by another panel, each cond of a step in its own thread on its own clone: what the sequential
+    split run writes and reads, bit for bit, each role stored once."""
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    story = flux_tests.make_story([("Ann",), ("Ann",), ("Ann",)])
+    story = type(story)(characters=story.characters, panels=story.panels, identity_panels={"Ann": (0, 1)})
+    patched = flux_tests.patch(csa, flux, rate=0.5, layer_choice="all blocks", story=story)
+    positive, negative = flux_tests.conds(2)
+    read_positive, read_negative = flux_tests.conds(1, seed=4)
+    out = {}
+    for name in ("sequential", "multi"):
+        bank = IdentityBank()
+        writer = with_clones(csa.with_bank(patched, csa.MODE_WRITE, bank))
+        reader = with_clones(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2))
+        split.threads = name == "multi"
+        handles = (split.watch(reader.model_options["multigpu_clones"], suffixes=("img_attn.qkv", "linear1"))
+                   if name == "multi" else ())
+        try:
+            written = sample(writer, positive, negative, 2, channels=16, cfg=3.0)
+            read = sample(reader, read_positive, read_negative, 1, channels=16, cfg=3.0)
+        finally:
+            for h in handles:
+                h.remove()
+        out[name] = (written, read, {k: v[0] for k, v in bank.entries.items()})
+    (w1, r1, e1), (w2, r2, e2) = out["sequential"], out["multi"]
+    assert torch.equal(w1, w2) and torch.equal(r1, r2)
+    assert e1 and e1.keys() == e2.keys() and {k[2] for k in e1} == {"positive", "negative"}  # each role once
+    assert all(torch.equal(e1[k], e2[k]) for k in e1)
+    check_threads(split, {d: None for d in DEVICES})
+    plain_read = sample(flux, read_positive, read_negative, 1, channels=16, cfg=3.0)
+    assert not torch.equal(r1, plain_read)  # the read used the bank
+
+
 def test_the_bank_writer_takes_two_threads_at_once(pack, tmp_path):
     """BankWriter.put from two threads in the same step (positive on one device, negative on the other; a step
     starts when both have finished the last, as core's evaluations do), many layers each, with a memory limit
