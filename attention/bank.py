@@ -108,10 +108,16 @@ class IdentityBank:
         self.release()
 
     def release(self):
-        """Drop the decoded step a read keeps (on the GPU with storage "device", in pinned memory with "cpu"):
-        called when a read run ends, so it does not sit outside ComfyUI's memory management during VAE decode
+        """Drop the decoded steps a read keeps (on each GPU with storage "device", in pinned memory with "cpu"):
+        called when a read run ends, so they do not sit outside ComfyUI's memory management during VAE decode
         and the next model load. The next read decodes its steps again."""
-        self._step_cache: tuple = (None, None, None, {}, False)  # (step, device, dtype, {key: decoded}, pinned)
+        # where the tokens are kept -> (step, dtype, pinned, {key: decoded}): one step per device, so GPUs reading
+        # in threads at once (core multi-GPU, storage "device") each keep their own step instead of taking turns
+        self._step_cache: dict = {}
+
+    def decoded_steps(self) -> dict:
+        """{device: the step a read keeps decoded there} (what release() drops)."""
+        return {device: entry[0] for device, entry in dict(self._step_cache).items()}
 
     @property
     def spill_folder(self) -> str | None:
@@ -223,7 +229,8 @@ class IdentityBank:
         """[chunks, bank panels, tokens, channels]: the stored tokens (UNet hidden states, or a DiT's keys and
         values) for one layer call, one chunk per role, on `device` (None: where the bank keeps the step).
 
-        Tensors of one step are decoded (and moved) once and kept until the next step is asked for (or release()).
+        Tensors of one step are decoded (and moved) once per device and kept there until the next step is asked for
+        on that device (or release()); reads on several devices at once (threads) each keep their own.
         With storage "cpu" and a CUDA device they are kept in pinned memory and copied with non_blocking=True: a
         copy from pageable memory would wait for all the GPU work queued before it, in every layer of every call.
         """
@@ -236,11 +243,11 @@ class IdentityBank:
                             f"{layer_name(layer)}, this run has {num_tokens}): use the identity run's width and height")
         target = torch.device("cpu") if self.storage == "cpu" or device is None else torch.device(device)
         pin = pins_reads(self.storage, device)
-        cached_step, cached_device, cached_dtype, cache, cached_pin = self._step_cache
-        if (cached_step, cached_device, cached_dtype, cached_pin) != (step, target, dtype, pin):
-            self.release()  # drop the previous step before loading this one
-            cache = {}
-            self._step_cache = (step, target, dtype, cache, pin)
+        entry = self._step_cache.get(target)
+        if entry is None or entry[:3] != (step, dtype, pin):
+            entry = (step, dtype, pin, {})
+            self._step_cache[target] = entry  # drops this device's previous step before loading this one
+        cache = entry[3]
         out = []
         for role in roles:
             key = (int(step), layer, role)

@@ -92,9 +92,9 @@ def test_release_drops_the_decoded_step_and_the_next_read_decodes_it_again(bank_
     monkeypatch.setattr(bank_mod.IdentityBank, "_load_step",
                         lambda self, step, *a, **k: loads.append(step) or real(self, step, *a, **k))
     before = bank.stored_tokens(1, LAYER, ["positive", "negative"], 10)
-    assert len(bank._step_cache[3]) == 2 and loads == [1]
+    assert len(bank._step_cache[torch.device("cpu")][3]) == 2 and loads == [1]
     bank.release()
-    assert bank._step_cache[3] == {}
+    assert bank._step_cache == {}
     assert torch.equal(bank.stored_tokens(1, LAYER, ["positive", "negative"], 10), before)
     assert loads == [1, 1]
 
@@ -292,7 +292,8 @@ def test_a_pinned_read_keeps_the_step_pinned_and_copies_it_non_blocking(bank_mod
     out = bank.stored_tokens(0, LAYER, ["positive", "negative"], 10, device="meta")
     assert out.device.type == "meta" and out.shape == (2, 2, 5, 16)
     assert pinned == [torch.Size([2, 5, 16])] * 2 and copies == [True, True]
-    assert bank._step_cache[4] is True and all(t.device.type == "cpu" for t in bank._step_cache[3].values())
+    _, _, pinned_step, decoded = bank._step_cache[torch.device("cpu")]
+    assert pinned_step is True and all(t.device.type == "cpu" for t in decoded.values())
     bank.stored_tokens(0, LAYER, ["positive"], 10, device="meta")
     assert len(pinned) == 2  # the step stays pinned: no second pin for the next layer call
 
@@ -302,6 +303,6 @@ def test_cpu_storage_read_on_cuda_is_pinned_and_exact(bank_mod):
     bank = write(bank_mod.IdentityBank(dtype="fp32"))
     out = bank.stored_tokens(1, LAYER, ["negative", "positive"], 10, device="cuda")
     assert out.is_cuda and torch.equal(out.cpu(), tokens(1).flip(0))
-    assert all(t.is_pinned() and t.device.type == "cpu" for t in bank._step_cache[3].values())
+    assert all(t.is_pinned() and t.device.type == "cpu" for t in bank._step_cache[torch.device("cpu")][3].values())
     bank.release()
-    assert bank._step_cache[3] == {}
+    assert bank._step_cache == {}

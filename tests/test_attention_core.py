@@ -379,7 +379,7 @@ def test_loaded_bank_streams_one_step_at_a_time(att, tmp_path, monkeypatch):
                         lambda self, step, *a, **k: seen.append(step) or real(self, step, *a, **k))
     for step in (0, 0, 1, 1):
         loaded.stored_tokens(step, ("output", 3, 0), ["positive", "negative"], 10)
-        assert {key[0] for key in loaded._step_cache[3]} == {step}
+        assert loaded.decoded_steps() == {torch.device("cpu"): step}
     assert seen == [0, 1]
 
 

@@ -103,13 +103,13 @@ def test_a_read_run_drops_its_decoded_step_when_it_ends(csa, sd15):
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        seen.append(bank._step_cache[0])
+        seen.append(bank.decoded_steps())
         return out
 
     bank.stored_tokens = spy
     sample(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2), panels=1)
-    assert seen and seen[-1] is not None  # the read decoded steps while it ran ...
-    assert bank._step_cache[0] is None and not bank._step_cache[3]  # ... and holds none after it
+    assert seen and seen[-1]  # the read decoded steps while it ran ...
+    assert bank.decoded_steps() == {}  # ... and holds none after it
 
 
 def test_a_cache_node_skipping_evaluations_during_a_write_is_named(csa, sd15):

@@ -296,6 +296,36 @@ def test_the_bank_writer_takes_two_threads_at_once(pack, tmp_path):
                 assert torch.equal(a, b)
 
 
+def test_a_device_bank_read_keeps_one_decoded_step_per_device(pack, monkeypatch):
+    """storage "device" with two devices reading in turn (core multi-GPU: the positive chunk on one GPU, the negative
+    on another): each device decodes a step once and keeps it while the other reads its own (it used to be one step
+    for one device at a time, so every layer call of the other device decoded again); a new step replaces only
+    that device's; release() drops them all. "meta" stands for a second device on a CPU-only machine."""
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    bank = IdentityBank(storage="device")
+    steps, layers = 2, 3
+    writer = bank.begin_write((0, 1), None, (1.0, 0.5, 0.0), planned_steps=lambda layer: steps)
+    for step in range(steps):
+        for layer in range(layers):
+            for role in ("positive", "negative"):
+                writer.put(step, ("output", layer, 0), [role], torch.randn(1, 2, 3, 4), 16, evaluation=step + 1)
+    writer.commit()
+    loads = []
+    real = IdentityBank._load_step
+    monkeypatch.setattr(IdentityBank, "_load_step",
+                        lambda self, step, device, *a, **k: loads.append((step, str(device))) or real(self, step, device, *a, **k))
+    for step in range(steps):
+        for layer in range(layers):
+            for device, role in (("cpu", "positive"), ("meta", "negative")):
+                out = bank.stored_tokens(step, ("output", layer, 0), [role], 16, device=device)
+                assert out.device.type == device
+        assert bank.decoded_steps() == {torch.device("cpu"): step, torch.device("meta"): step}
+    assert loads == [(0, "cpu"), (0, "meta"), (1, "cpu"), (1, "meta")]
+    bank.release()
+    assert bank.decoded_steps() == {}
+
+
 def test_flux_csa_equals_the_sequential_run(csa, flux, split):
     patched = flux_tests.patch(csa, flux, rate=0.5, layer_choice="all blocks")
     positive, negative = flux_tests.conds(3)
