@@ -16,8 +16,7 @@ import shutil
 
 import thirdparty_fixtures
 
-PACK = thirdparty_fixtures.ThirdPartyPack("distributed", "ComfyUI-Distributed.tar.gz", "ComfyUI-Distributed",
-                                          "DistributedCollector", "ComfyUI-Distributed")
+PACK = thirdparty_fixtures.PACKS["distributed"]
 CONFIG_FILE = "gpu_config.json"  # ComfyUI-Distributed's utils/config.py: CONFIG_FILE next to the pack's __init__.py
 
 CHARACTERS = "[Mia] a girl with red hair\n[Leo] an old man with a beard"
@@ -104,6 +103,13 @@ def write_config(pack_path: str, workers: list[tuple[str, int]], timeout_s: int 
     }
     with open(os.path.join(pack_path, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def ui_server_args(workdir: str) -> tuple:
+    """main.py arguments loading a private copy of the pack into one server, or () without the snapshot."""
+    if thirdparty_fixtures.snapshot_missing_reason(PACK):
+        return ()
+    return server_args(workdir, install_copy(os.path.join(workdir, "custom_nodes")))
 
 
 def server_args(workdir: str, pack_path: str) -> tuple:

@@ -144,3 +144,18 @@ def test_split_runs_are_the_unsplit_run_up_to_batch_rounding_and_repeat_exactly(
     torch.testing.assert_close(torch.cat(first), whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
     again = share(1, "b", harness.InProcessComfy())  # a new executor, empty caches: the bank is written again
     assert torch.equal(again, first[1])
+
+
+def test_what_the_split_relies_on_in_comfyui_distributed(distributed):
+    """The unmodified snapshot, in-process: Distributed Seed with seed 0 gives the master 0 and worker k (its index
+    among the workers that answered, as the orchestrator names it "worker_<k>") k + 1; the Collector puts the
+    master's images first and then each worker's in the enabled order."""
+    seed = distributed.nodes["DistributedSeed"]()
+    assert seed.distribute(0, is_worker=False, worker_id="") == (0,)
+    assert [seed.distribute(0, is_worker=True, worker_id=f"worker_{k}")[0] for k in range(3)] == [1, 2, 3]
+    collector = distributed.nodes["DistributedCollector"]()
+    master = torch.zeros(2, 1, 1, 3)
+    workers = {"w2": {0: torch.full((1, 1, 1, 3), 2.0)}, "w1": {1: torch.full((1, 1, 1, 3), 1.5),
+                                                                 0: torch.full((1, 1, 1, 3), 1.0)}}
+    out = collector._reorder_and_combine_tensors(workers, ["w1", "w2"], 2, master, False, master)
+    assert out[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.5, 2.0]

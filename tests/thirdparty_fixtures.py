@@ -49,6 +49,7 @@ class ThirdPartyPack:
     title: str
     needs_prompt_server: bool = False  # registers routes on PromptServer.instance at import
     hooks: tuple = ()  # "module:attr" it replaces at import, restored after the tests that load it
+    import_env: tuple = ()  # (name, value) environment variables set while it is imported in-process
 
     @property
     def snapshot(self) -> str:
@@ -75,6 +76,11 @@ PACKS = {
                           hooks=("latent_preview:get_previewer",)),
     "ade": ThirdPartyPack("ade", "ComfyUI-AnimateDiff-Evolved.tar.gz", "ComfyUI-AnimateDiff-Evolved",
                           "ADE_UseEvolvedSampling", "AnimateDiff-Evolved"),
+    # registers routes at import; in-process it is imported as a worker (COMFYUI_IS_WORKER: no worker auto-launch,
+    # no signal or exit handlers), see `pack_fixture`. Servers get a private copy (tests/distributed_fixtures.py).
+    "distributed": ThirdPartyPack("distributed", "ComfyUI-Distributed.tar.gz", "ComfyUI-Distributed",
+                                  "DistributedCollector", "ComfyUI-Distributed", needs_prompt_server=True,
+                                  import_env=(("COMFYUI_IS_WORKER", "1"),)),
 }
 
 
@@ -186,10 +192,17 @@ def load_in_process(comfy_nodes, pack) -> dict:
     before, before_names = set(comfy_nodes.NODE_CLASS_MAPPINGS), set(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
     collect = _Collect()
     logging.getLogger().addHandler(collect)
+    saved_env = {name: os.environ.get(name) for name, _ in pack.import_env}
+    os.environ.update(dict(pack.import_env))
     try:
         ok = asyncio.run(comfy_nodes.load_custom_node(path, module_parent="custom_nodes"))
     finally:
         logging.getLogger().removeHandler(collect)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if not ok or pack.marker_node not in comfy_nodes.NODE_CLASS_MAPPINGS:
         log = "\n".join(collect.lines[-40:])
         raise RuntimeError(f"ComfyUI could not import {pack.title} from {path}:\n{log}")
@@ -257,6 +270,7 @@ def pack_fixture(key: str):
 # pytest fixtures (tests/conftest.py registers this module as a plugin: a test asks for them by name)
 ipadapter_plus = pack_fixture("ipadapter_plus")
 vhs = pack_fixture("vhs")
+distributed = pack_fixture("distributed")
 
 
 if __name__ == "__main__":  # `python tests/thirdparty_fixtures.py`: unpack every snapshot that is present
