@@ -25,24 +25,14 @@ def test_shares_are_contiguous_in_participant_order_remainder_first(pack):
     assert sum(shares, ()) == rows  # the collector's order (master, then workers in order) is the selection's
 
 
-def test_shares_split_like_comfyui_distributed_batch_divider(pack):
-    """ComfyUI-Distributed's Image Batch Divider (utils: _chunk_bounds) cuts a batch the same way."""
+def test_shares_split_like_comfyui_distributed_batch_divider(distributed):
+    """ComfyUI-Distributed's Image Batch Divider (nodes/utilities.py: _chunk_bounds) cuts a batch the same way."""
     from comfyui_storydiffusion.story.share import share_bounds
 
-    path = os.path.join(df.PACK.custom_nodes, df.PACK.folder, "nodes", "utilities.py")
-    if df.thirdparty_fixtures.snapshot_missing_reason(df.PACK):
-        pytest.skip(df.thirdparty_fixtures.snapshot_missing_reason(df.PACK))
-    df.thirdparty_fixtures.install(df.PACK)
-    import ast
-
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_chunk_bounds")
-    scope: dict = {}
-    exec(compile(ast.Module([func], []), path, "exec"), scope)  # noqa: S102 (the snapshot's own function)
+    chunk_bounds = distributed.submodule("nodes.utilities")._chunk_bounds
     for total in range(1, 12):
         for parts in range(1, total + 1):
-            assert share_bounds(total, parts) == scope["_chunk_bounds"](total, parts), (total, parts)
+            assert share_bounds(total, parts) == chunk_bounds(total, parts), (total, parts)
 
 
 @pytest.mark.parametrize("participant, participants, count, message", [
