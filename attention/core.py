@@ -112,7 +112,7 @@ def panel_call_bytes(chunks: int, query_tokens: int, keys: int, width: int, elem
                      index_rows: int = 1, extra: int = 0) -> int:
     """Extra bytes one query panel adds to a grouped attention call: its K and V buffers ([chunks, keys, width]
     each), its query copy, the kernel's output and its layout copy ([chunks, query_tokens, width] each), the
-    gather index (8 bytes per key row, `index_rows` rows per key: chunks x heads for a DiT) and `extra` (a mask)."""
+    gather index (8 bytes per key row, `index_rows` rows per key: chunks for a UNet, chunks x heads for a DiT) and `extra` (a mask)."""
     return chunks * (2 * keys + 3 * query_tokens) * width * element_size + 8 * keys * index_rows + extra
 
 
@@ -287,7 +287,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     units = query_units(share, sampled, windows, bank_reads, bank_tokens, tk)
     element = k.element_size()
     groups = query_groups(units, lambda keys: panels_per_call(
-        budget, panel_call_bytes(chunks, tq, keys, dim, element), panels))
+        budget, panel_call_bytes(chunks, tq, keys, dim, element, index_rows=chunks), panels))
     single = len(windows) == 1
     out = torch.empty_like(q) if single else torch.zeros_like(q)
     out4 = out.view(chunks, panels, tq, dim)

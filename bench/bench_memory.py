@@ -198,7 +198,7 @@ def measure(spec: dict) -> dict:
         return attention(q, k, v, heads)
 
     budget = memory_budget(spec, device, core, panels,
-                           core.panel_call_bytes(CHUNKS, tokens, keys, channels, q.element_size()))
+                           core.panel_call_bytes(CHUNKS, tokens, keys, channels, q.element_size(), index_rows=CHUNKS))
 
     def ours():
         return core.consistent_attention(q, k, v, heads, chunks=CHUNKS, share=share, sampled=sampled,
@@ -220,7 +220,7 @@ def measure(spec: dict) -> dict:
     sync(device)
     result = {"keys": keys, "budget_bytes": budget,
               "group": core.panels_per_call(budget, core.panel_call_bytes(CHUNKS, tokens, keys, channels,
-                                                                          q.element_size()), panels)}
+                                                                          q.element_size(), index_rows=CHUNKS), panels)}
     if spec["method"] == "loop":
         out, extra, seconds = peak_call(method, device)
         result.update(extra_bytes=extra - out_bytes, seconds=seconds)

@@ -93,7 +93,7 @@ def test_unet_grouped_equals_one_panel_per_call(att, chunks, window, share_kind)
     one_kernel, one_calls = counting(multihead_attention)
     reference = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=window,
                                           attention=one_kernel)
-    panel = core.panel_call_bytes(chunks, tokens, tokens + (b - 1) * sampled.shape[1], HEADS * DIM, 4)
+    panel = core.panel_call_bytes(chunks, tokens, tokens + (b - 1) * sampled.shape[1], HEADS * DIM, 4, index_rows=chunks)
     for budget in (2 * panel, 10**12):
         kernel, calls = counting(multihead_attention)
         out = core.consistent_attention(q, k, v, HEADS, chunks=chunks, share=share, sampled=sampled, window=window,
