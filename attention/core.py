@@ -14,6 +14,11 @@ Rows are grouped into *chunks* (cond, uncond, ... one latent batch of B panels e
 reads panels of its own chunk, and the sampled token indices of a panel are the same in every chunk.
 Nothing here keeps state: the token choice comes from a generator seeded by (seed, step, layer,
 story panel), so the same call gives the same tokens whatever the batch layout is.
+
+Query panels are attended G per kernel call: panels with the same key count (and bank reads) share one K/V
+buffer [chunks, G, L, D], filled by one index_select from the call's own k/v (rows_of: any strides, no copy).
+G comes from a memory budget in bytes (panels_per_call; 0 = one panel per call, the least memory). Grouped and
+one-per-call results differ only by the kernel's batch-size noise (0 on the CPU, measured).
 """
 from __future__ import annotations
 
@@ -297,18 +302,17 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         members = [unit.panel for unit in group]
         if not group[0].others and not group[0].reads:  # they read nothing but themselves: plain attention
             result = attention(*(select_panels(t, members) for t in (q4, k4, v4)), heads)  # one panel: views
-            write_group(out4, members, result.view(chunks, len(members), tq, dim), single)
+            write_group(out4, members, result.reshape(chunks, len(members), tq, dim), single)
             continue
-        if own is None:
-            own = torch.arange(tk, device=k.device)
+        if own is None:  # row panel*tk + t: token t of each panel (views below, no launch per panel)
+            own = torch.arange(panels * tk, device=k.device).view(panels, tk)
         g, keys = len(group), group[0].keys
         pieces = []
+        placeholder = own.new_zeros(len(group[0].reads) * bank_tokens)  # the group reads the same bank panels
         for unit in group:  # per unit: [bank (placeholder keys, overwritten below), others' sampled, own]
-            n_bank = len(unit.reads) * bank_tokens
-            if n_bank:
-                pieces.append(own.new_zeros(n_bank))
+            pieces.append(placeholder)
             pieces.extend(flat_sampled[j] for j in unit.others)
-            pieces.append(own + unit.panel * tk)
+            pieces.append(own[unit.panel])
         base = torch.cat(pieces).view(g, keys)
         del pieces
         index = key_index(k4, base, tk)
@@ -324,7 +328,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         result = attention(select_panels(q4, members), kk.view(chunks * g, keys, dim), vv.view(chunks * g, keys, dim),
                            heads)
         del kk, vv
-        write_group(out4, members, result.view(chunks, g, tq, dim), single)
+        write_group(out4, members, result.reshape(chunks, g, tq, dim), single)
         del result
     if not single:
         mean_over_windows(out4, windows)

@@ -12,7 +12,7 @@ bank (read runs) adds the stored image keys/values of the bank panels a panel re
 arrive after RoPE, so a shared key keeps the position phases of its own panel (CharaConsist-style
 position matching is not done here). Rows are grouped into chunks (cond, uncond, ...) as in
 attention/core.py: a panel reads panels of its own chunk only, with the same token indices in every
-chunk, and query panels are processed one at a time (one panel's K/V buffer at a time).
+chunk, and query panels are attended G at a time (G panels' K/V in one buffer, G from a memory budget: core.py).
 """
 from __future__ import annotations
 
@@ -131,14 +131,14 @@ def joint_consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                _group_mask([_panel_mask(mask, chunks, panels, i, None) for i in members], chunks)
                                if mask is not None else None)
         else:
-            if arange_own is None:
-                arange_own = torch.arange(own, device=k.device)
+            if arange_own is None:  # row panel*own + t: token t of each panel (views below)
+                arange_own = torch.arange(panels * own, device=k.device).view(panels, own)
             g, keys = len(group), group[0].keys
             pieces = []
+            placeholder = arange_own.new_zeros(len(group[0].reads) * bank_tokens)  # the same bank reads
             for unit in group:  # per unit: [own, bank (placeholder keys, overwritten below), others' sampled]
-                pieces.append(arange_own + unit.panel * own)
-                if unit.reads:
-                    pieces.append(arange_own.new_zeros(len(unit.reads) * bank_tokens))
+                pieces.append(arange_own[unit.panel])
+                pieces.append(placeholder)
                 pieces.extend(flat[j] for j in unit.others)
             base = torch.cat(pieces).view(g, keys)
             del pieces
