@@ -149,3 +149,12 @@ def test_what_the_split_relies_on_in_comfyui_distributed(distributed):
                                                                  0: torch.full((1, 1, 1, 3), 1.0)}}
     out = collector._reorder_and_combine_tensors(workers, ["w1", "w2"], 2, master, False, master)
     assert out[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.5, 2.0]
+
+
+def test_the_latent_output_without_a_latent_input_stops_with_what_to_do(comfy, comfy_nodes, checkpoint_files):
+    prompt = df.comic_prompt(checkpoint_files("sd15"), df.csa_defaults(comfy_nodes), 1, distributed=False)
+    del prompt["10"]["inputs"]["latent"]
+    outputs = comfy.run(prompt)  # ComfyUI reports a blocked node as an error message and runs nothing after it
+    errors = [d["exception_message"] for e, d in comfy.server.messages if e == "execution_error"]
+    assert any("connect Empty Latent Image (batch_size 1, the panel size) to its latent input" in m for m in errors)
+    assert "18" not in outputs  # the read run's latents were never sampled or saved
