@@ -17,8 +17,9 @@ by story/comic.py from flat numbered placeholder panels).
 `--check` (used by tests/test_workflows.py) fails when a shipped file is stale.
 
 Workflows that need another pack's nodes (`Workflow.requires`, e.g. story_to_video_animatediff needs
-AnimateDiff-Evolved): the live server loads the unmodified ADE snapshot from ../shared/thirdparty when it is
-there (tests/animatediff_fixtures.server_args, that server only). Without it such a workflow cannot be built:
+AnimateDiff-Evolved, story_distributed ComfyUI-Distributed): the live server loads the unmodified snapshots from
+../shared/thirdparty when they are there (tests/animatediff_fixtures.server_args, a private copy of
+ComfyUI-Distributed by tests/distributed_fixtures; that server only). Without one such a workflow cannot be built:
 rewriting fails (exit 1, the reason on stderr; the other workflows are still written, its own JSON and
 thumbnail are left as they are), while `--check` checks every other file and reports it as
 "not checked: <reason>" without failing, so CI without the snapshot stays green.
@@ -69,6 +70,12 @@ def ade_missing_reason() -> str | None:
     return _tests_module("animatediff_fixtures").snapshot_missing_reason()
 
 
+def distributed_missing_reason() -> str | None:
+    """Why the live server cannot load ComfyUI-Distributed (None: the snapshot is there)."""
+    fixtures = _tests_module("distributed_fixtures")
+    return fixtures.thirdparty_fixtures.snapshot_missing_reason(fixtures.PACK)
+
+
 def live_object_info() -> tuple[dict, str]:
     """Start the harness ComfyUI (with this pack, and ADE when its snapshot is there) on an empty models folder
     and read /object_info; (object_info, the ComfyUI version)."""
@@ -82,6 +89,10 @@ def live_object_info() -> tuple[dict, str]:
         extra = ()
         if ade_missing_reason() is None:
             extra = _tests_module("animatediff_fixtures").server_args(os.path.join(tmp, "ade"))
+        if distributed_missing_reason() is None:  # a private copy: the pack writes its config file into its folder
+            fixtures = _tests_module("distributed_fixtures")
+            copy = fixtures.install_copy(os.path.join(tmp, "distributed", "custom_nodes"))
+            extra += fixtures.server_args(os.path.join(tmp, "distributed"), copy)
         server = harness.ComfyServer(os.path.join(tmp, "server"), models, extra_args=extra)
         server.start()
         try:
@@ -89,9 +100,10 @@ def live_object_info() -> tuple[dict, str]:
             version = server.get("/system_stats")["system"]["comfyui_version"]
         finally:
             server.stop()
-        if extra and not all(node in info for node in specs.ANIMATEDIFF_NODES):
-            print(f"AnimateDiff-Evolved did not load; the server's log ends:\n{server.read_log()[-3000:]}",
-                  file=sys.stderr)
+        for title, reason, needed in (("AnimateDiff-Evolved", ade_missing_reason(), specs.ANIMATEDIFF_NODES),
+                                      ("ComfyUI-Distributed", distributed_missing_reason(), specs.DISTRIBUTED_NODES)):
+            if reason is None and not all(node in info for node in needed):
+                print(f"{title} did not load; the server's log ends:\n{server.read_log()[-3000:]}", file=sys.stderr)
         return info, version
 
 
@@ -116,10 +128,12 @@ def missing_requirements(name: str, object_info: dict) -> str | None:
     if not missing:
         return None
     reason = f"{name} needs nodes that are not installed ({', '.join(missing)})"
-    if any(node in specs.ANIMATEDIFF_NODES for node in missing):
-        why = ade_missing_reason() or ("the snapshot is there, so the /object_info used came from a server that "
-                                       "did not load it (--object-info file, or ADE failed to import)")
-        reason += f": ComfyUI-AnimateDiff-Evolved is missing: {why}"
+    for title, needed, why in (("ComfyUI-AnimateDiff-Evolved", specs.ANIMATEDIFF_NODES, ade_missing_reason),
+                               ("ComfyUI-Distributed", specs.DISTRIBUTED_NODES, distributed_missing_reason)):
+        if any(node in needed for node in missing):
+            because = why() or ("the snapshot is there, so the /object_info used came from a server that did not "
+                                "load it (--object-info file, or the pack failed to import)")
+            reason += f": {title} is missing: {because}"
     return reason
 
 

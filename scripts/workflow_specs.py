@@ -185,6 +185,95 @@ def story_characters(b: WorkflowBuilder) -> None:
     b.connect(identity_sampler, 0, save_bank, "after")
 
 
+# ComfyUI-Distributed (robertvoy, another pack): the nodes story_distributed needs from it
+DISTRIBUTED_NODES = ("DistributedSeed", "DistributedCollector")
+DISTRIBUTED_PARTICIPANTS = 2  # the master and one worker: the smallest set-up; the note says to change it
+
+
+def story_distributed(b: WorkflowBuilder) -> None:
+    """The Two characters, twelve panels story on several machines (ComfyUI-Distributed): every machine writes the
+    identity bank and samples its share of the other panels; the Collector and Panels In Story Order join them."""
+    b.note("## Story on several machines (ComfyUI-Distributed)\nNeeds the **ComfyUI-Distributed** pack (robertvoy) "
+           "on the master and every worker; its nodes here: **Distributed Seed** and **Distributed Collector**. "
+           "Start the workers (its sidebar panel: add, launch, enable them; same checkpoint on every machine), then "
+           "queue from the master: it sends this prompt to the master and to every enabled worker that answers.\n\n"
+           "**1. Identity run, on every machine:** each machine samples the identity panels (panels 1–4) with the same "
+           "seed and writes the identity bank itself: the same bank everywhere, no file to copy. (Or save it once "
+           "with Save Identity Bank into a `models/storydiffusion` folder every machine sees through "
+           "`extra_model_paths.yaml`, and give the workers Load Identity Bank.)\n\n"
+           "**2. Story run, split:** **Select Story Panels** gives each machine its share of panels 5–12: set "
+           "**participants** to the master plus the enabled workers (saved: 2). **Distributed Seed** tells each "
+           "machine which share is its own: keep its seed at **0** and *fixed* (master 0, workers 1, 2, …). Its "
+           "`latent` output starts every panel from the noise of its story index, so the panels do not depend on the "
+           "split.\n\n**3. On the master:** **Distributed Collector** gathers the shares (master first, then the "
+           "workers: story order), **Panels In Story Order** adds the identity panels, Comic Page lays them out. A "
+           "worker that is offline when the run starts is skipped: the run then stops at Panels In Story Order "
+           "naming the missing panels; nothing is saved.\n\n**Does not fan out:** whole-batch sharing (the *Comic "
+           "page* templates, every panel in one batch) is one sampling: run it on one machine.\n\n"
+           f"**Settings:** {SD15_SIZE}×{SD15_SIZE} (SD1.5's own size), both KSamplers {SD15_SAMPLER['steps']} steps, "
+           f"cfg {SD15_SAMPLER['cfg']:g}, dpmpp_2m / karras. **VRAM per machine:** the checkpoint is about 2 GB; a step "
+           "of the identity run (4 panels, cond + uncond) about 0.7 GB more, of a share (4 panels with 2 machines) "
+           "the same: far below 24 GB. The bank lives in RAM (storage cpu): ≈ 1.3 GB per machine.",
+           0, height=900, width=400)
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
+                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
+                  width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
+    # identity run: on every machine
+    identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
+                            title="Select Story Panels (identity run, every machine)")
+    write = b.add("StoryDiffusionIdentityBankWrite", 2)
+    identity_latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE},
+                            title="Identity panels latent")
+    identity_sampler = b.add("KSampler", 2, dict({"seed": 42}, **SD15_SAMPLER), title="KSampler (identity run)")
+    identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    # story run: this machine's share
+    participant = b.add("DistributedSeed", 3, {"seed": 0}, title="Distributed Seed (which machine: keep 0, fixed)")
+    story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panels that are not identity panels",
+                                                          "participants": DISTRIBUTED_PARTICIPANTS},
+                         title="Select Story Panels (this machine's share)")
+    panel_latent = b.add("EmptyLatentImage", 3, {"width": SD15_SIZE, "height": SD15_SIZE, "batch_size": 1},
+                         title="Panel size (one latent)")
+    read = b.add("StoryDiffusionIdentityBankRead", 3)
+    sampler = b.add("KSampler", 3, dict({"seed": 43}, **SD15_SAMPLER), title="KSampler (this machine's share)")
+    decode = b.add("VAEDecode", 3, title="VAE Decode (this machine's share)")
+    # on the master
+    collector = b.add("DistributedCollector", 4)
+    order = b.add("StoryDiffusionStoryOrder", 4)
+    page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
+    save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_distributed"})
+
+    b.connect(ckpt, "CLIP", story, "clip")
+    b.connect(ckpt, "MODEL", csa, "model")
+    b.connect(story, "story", csa, "story")
+    for select in (identity_select, story_select):
+        b.connect(story, "positive", select, "positive")
+        b.connect(story, "negative", select, "negative")
+        b.connect(story, "story", select, "story")
+    b.connect(csa, "model", write, "model")
+    b.connect(identity_select, "panel_count", identity_latent, "batch_size")
+    sample_and_decode(b, identity_sampler, identity_decode, model=(write, "model"),
+                      positive=(identity_select, "positive"), negative=(identity_select, "negative"),
+                      latent=(identity_latent, 0), vae=(ckpt, "VAE"))
+    b.connect(participant, "seed", story_select, "participant")
+    b.connect(panel_latent, 0, story_select, "latent")
+    b.connect(csa, "model", read, "model")
+    b.connect(write, "bank", read, "bank")
+    b.connect(story_select, "panels", read, "panels")
+    b.connect(identity_sampler, 0, read, "after")
+    sample_and_decode(b, sampler, decode, model=(read, "model"), positive=(story_select, "positive"),
+                      negative=(story_select, "negative"), latent=(story_select, "latent"), vae=(ckpt, "VAE"))
+    b.connect(decode, 0, collector, "images")
+    b.connect(collector, "images", order, "images_a")
+    b.connect(story_select, "panels", order, "panels_a")
+    b.connect(identity_decode, 0, order, "images_b")
+    b.connect(identity_select, "panels", order, "panels_b")
+    b.connect(order, "images", page, "images")
+    b.connect(story, "captions", page, "captions")
+    b.connect(page, "pages", save, "images")
+
+
 PHOTOMAKER_FILE = ModelFile("photomaker", "photomaker-v1.bin", "photomaker")
 
 
@@ -689,6 +778,13 @@ WORKFLOWS: dict[str, Workflow] = {
     "story_characters": Workflow(
         story_characters, "Two characters over twelve panels, sampled in two small runs that share an identity "
                           "bank, laid out on one page.", (".png",), title="Two characters, twelve panels"),
+    # needs ComfyUI-Distributed (DISTRIBUTED_NODES) in the server that builds and runs it: make_workflows.py and
+    # tests/test_workflows.py load a private copy of the snapshot in ../shared/thirdparty when it is there
+    "story_distributed": Workflow(
+        story_distributed, "The twelve panel story on several machines with the ComfyUI Distributed pack: every "
+                           "machine writes the identity bank and samples its share of the panels, the master lays "
+                           "them out in story order.", (".png",), title="Story on several machines (ComfyUI-Distributed)",
+        requires=DISTRIBUTED_NODES),
     "comic_sdxl_photomaker": Workflow(
         comic_sdxl_photomaker, "Your own character from reference photos (PhotoMaker), kept consistent across a "
                                "comic strip (SDXL).", (".png",), title="Comic from photos (SDXL, PhotoMaker)"),

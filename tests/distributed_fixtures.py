@@ -118,3 +118,24 @@ def server_args(workdir: str, pack_path: str) -> tuple:
     with open(path, "w") as f:
         f.write(f"distributed:\n    custom_nodes: {os.path.dirname(pack_path)}/\n")
     return ("--extra-model-paths-config", path)
+
+
+def api_prompt(workflow: dict, object_info: dict, settings: dict | None = None) -> dict:
+    """A UI-format workflow as the API prompt the frontend queues: each node's widget values by name (positional
+    widgets_values read the frontend's way, tests/workflow_sizes.widget_values), links as [source id, slot], notes
+    left out; `settings` {node id: {widget: value}} replace widget values (what the browser tests --set)."""
+    import workflow_sizes
+
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in workflow_sizes.FRONTEND_ONLY:
+            continue
+        inputs = dict(workflow_sizes.widget_values(node, object_info[node["type"]]))
+        inputs.update((settings or {}).get(str(node["id"]), {}))
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -8,6 +8,8 @@ comic (tests/distributed_fixtures.py, the graph of workflows/story_distributed.j
   identity panels. Every saved panel is bit-identical to the same shares sampled on the master alone, in story
   order, and within float rounding of the unsplit single-machine run (another batch size rounds differently:
   tests/test_story_share.py). The banks the servers write are bit-identical.
+- workflows/story_distributed.json itself, read the way the frontend queues it, runs on the master and both
+  workers (the page comes out: Panels In Story Order refuses a batch without every share).
 - A worker that is down when the run starts: ComfyUI-Distributed skips it, the run stops at Panels In Story Order
   naming the missing panels, and no file is written.
 
@@ -16,6 +18,7 @@ run (the README's CPU ratio); CPU contention makes them no speed claim.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.request
@@ -25,9 +28,11 @@ import pytest
 import safetensors.torch
 from PIL import Image
 
+import comfy_env
 import distributed_fixtures as df
 import harness
 import thirdparty_fixtures
+import workflow_sizes
 
 FAST_CPU_ARGS = ("--fp32-text-enc",)
 WORKERS = ("w1", "w2")
@@ -46,7 +51,9 @@ def cluster(tmp_path_factory, models_dir, checkpoint_files, comfy_nodes):
         for name in (*WORKERS, "master"):
             workdir = root / name
             pack_path = df.install_copy(str(workdir / "custom_nodes"))
-            env = {} if name == "master" else {"COMFYUI_IS_WORKER": "1"}
+            # one torch thread each: three processes share the 2 cores of a CI runner (two threads each spin against
+            # the others' and made the run ~10x slower); the single-machine reference runs on the same settings
+            env = {"OMP_NUM_THREADS": "1"} if name == "master" else {"COMFYUI_IS_WORKER": "1", "OMP_NUM_THREADS": "1"}
             servers[name] = harness.ComfyServer(str(workdir), str(models_dir), env=env,
                                                 extra_args=FAST_CPU_ARGS + df.server_args(str(workdir), pack_path))
             if name == "master":
@@ -142,6 +149,31 @@ def test_every_server_writes_the_same_identity_bank(cluster, comfy_nodes, models
     assert banks[0].keys() == banks[1].keys() == banks[2].keys() and banks[0]
     for other in banks[1:]:
         assert all(np.array_equal(banks[0][k].float().numpy(), other[k].float().numpy()) for k in banks[0])
+
+
+def test_the_shipped_workflow_runs_on_master_and_workers(cluster):
+    """workflows/story_distributed.json as the frontend would queue it (widget values by name, links; tests'
+    sizes and steps), participants = master + 2 workers, through POST /distributed/queue: every machine takes a
+    share, the page comes out on the master."""
+    master, workers, ckpt = cluster
+    with open(os.path.join(comfy_env.REPO, "workflows", "story_distributed.json")) as f:
+        workflow = json.load(f)
+    settings = workflow_sizes.browser_settings(workflow)
+    for node in workflow["nodes"]:
+        if node["type"] == "StoryDiffusionSelectPanels" and "participant" in workflow_sizes.linked_widgets(node):
+            settings[str(node["id"])]["participants"] = 1 + len(workers)  # the share; the identity run stays whole
+        if node["type"] == "CheckpointLoaderSimple":
+            settings[str(node["id"])] = {"ckpt_name": ckpt}
+    prompt = df.api_prompt(workflow, master.get("/object_info"), settings)
+    shares = [n for n in prompt.values() if n["class_type"] == "StoryDiffusionSelectPanels"
+              and n["inputs"]["participants"] == 3]
+    assert len(shares) == 1 and shares[0]["inputs"]["participant"][0] in prompt
+    prompt_id, worker_count = queue_distributed(master, prompt)
+    assert worker_count == 2
+    outputs = master.wait(prompt_id)
+    pages = [p for p in master.output_files(outputs) if p.endswith(".png")]
+    # Panels In Story Order refuses a collected batch without every share: a page means all three took part
+    assert len(pages) == 1 and np.asarray(Image.open(pages[0])).std() > 0
 
 
 def test_a_worker_down_at_the_start_stops_the_run_naming_the_missing_panels(cluster, comfy_nodes):

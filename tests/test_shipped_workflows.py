@@ -78,6 +78,8 @@ def node_info(comfy_nodes, request):
     def info(node_type: str) -> dict:
         if node_type not in comfy_nodes.NODE_CLASS_MAPPINGS and node_type.startswith("ADE_"):
             request.getfixturevalue("ade")
+        if node_type not in comfy_nodes.NODE_CLASS_MAPPINGS and node_type.startswith("Distributed"):
+            request.getfixturevalue("distributed")  # ComfyUI-Distributed (story_distributed)
         cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_type]
         if hasattr(cls, "GET_NODE_INFO_V1"):  # V3 nodes describe themselves
             return cls.GET_NODE_INFO_V1()

@@ -29,6 +29,7 @@ from PIL import Image
 
 import animatediff_fixtures
 import comfy_env
+import distributed_fixtures
 import dit_workflow_fixtures
 import harness
 import tiny_models
@@ -110,7 +111,8 @@ def ui_server(tmp_path_factory):
     server = harness.ComfyServer(str(root / "server"), str(models),
                                  extra_args=FAST_CPU_ARGS + ade_server_args(root, models)
                                  + wan_fixtures.server_args(str(root / "wan"))
-                                 + dit_workflow_fixtures.server_args(str(root / "dit_nodes")))
+                                 + dit_workflow_fixtures.server_args(str(root / "dit_nodes"))
+                                 + distributed_fixtures.ui_server_args(str(root / "distributed")))
     frontend_noise.prepare_user_dir(os.path.join(server.workdir, "user"))
     server.start()
     yield server
@@ -565,8 +567,32 @@ def check_tune_consistency(server, prompt: dict, outputs: dict, files: list[str]
     assert len([f for f in files if f.endswith(".png")]) == 1  # one plot for the whole sweep
 
 
+def check_story_distributed(server, prompt: dict, outputs: dict, files: list[str]) -> None:
+    """The graph the frontend queued: Distributed Seed (0) gives Select Story Panels its participant, the share's
+    latents come from Select Story Panels (noise by story index), the read takes its panels, and Panels In Story
+    Order joins the Distributed Collector's batch with the identity run. (On one server the test runs every panel
+    there: tests/test_distributed.py runs master and workers.)"""
+    select_id = next(i for i, n in prompt.items() if n["class_type"] == "StoryDiffusionSelectPanels"
+                     and n["inputs"]["select"] == "panels that are not identity panels")
+    select = prompt[select_id]
+    seed_id, _ = _linked(prompt, select, "participant", "DistributedSeed")
+    assert prompt[seed_id]["inputs"]["seed"] == 0 and select["inputs"]["participants"] == 1  # the test's value
+    assert prompt[_linked(prompt, select, "latent", "EmptyLatentImage")[0]]["inputs"]["batch_size"] == 1
+    sampler_id = next(i for i, n in prompt.items() if n["class_type"] == "KSampler"
+                      and n["inputs"]["latent_image"] == [select_id, 5])
+    sampler = prompt[sampler_id]
+    read = prompt[_linked(prompt, sampler, "model", "StoryDiffusionIdentityBankRead")[0]]
+    assert read["inputs"]["panels"] == [select_id, 4]
+    order = next(n for n in prompt.values() if n["class_type"] == "StoryDiffusionStoryOrder")
+    collector = prompt[_linked(prompt, order, "images_a", "DistributedCollector")[0]]
+    assert prompt[_linked(prompt, collector, "images", "VAEDecode")[0]]["inputs"]["samples"] == [sampler_id, 0]
+    assert order["inputs"]["panels_a"] == [select_id, 4]
+    assert len([f for f in files if f.endswith(".png")]) == 1  # the page
+
+
 WORKFLOW_CHECKS = {"story_characters": check_story_characters,
                    "tune_consistency": check_tune_consistency,
+                   "story_distributed": check_story_distributed,
                    "comic_from_reference": check_comic_from_reference,
                    "story_to_video_animatediff": check_story_to_video_animatediff,
                    "story_to_video_wan": check_story_to_video_wan}

@@ -41,6 +41,8 @@ TEST_VALUES: dict[str, dict[str, int | str]] = {
     # its steps and panel size are the reading KSampler's and latent's: the tests set both alike
     "StoryDiffusionIdentityBankFromImages": {"steps": TEST_STEPS, "width": TEST_SIZE, "height": TEST_SIZE},
     "StoryDiffusionSemanticMotionPredictor": {"frames": TEST_FRAMES},
+    # not a size: a story split among machines (story_distributed) runs on the one test server, every panel there
+    "StoryDiffusionSelectPanels": {"participants": 1},
     "ADE_StandardStaticContextOptions": {"context_length": TEST_CONTEXT_LENGTH,
                                          "context_overlap": TEST_CONTEXT_OVERLAP},
 }
