@@ -136,7 +136,7 @@ def test_select_panels_picks_story_rows(comfy_nodes, story_node, clips, family):
     ((cond, extras),) = positive
     for choice, first, n, rows in [("identity panels", 0, 0, [0, 1]), ("panel range", 2, 0, [2, 3, 4]),
                                    ("panel range", 3, 1, [3])]:
-        pos, neg, picked, first_out, _ = select.select(positive, negative, story, choice, first, n)
+        pos, neg, picked, first_out, *_ = select.select(positive, negative, story, choice, first, n)
         assert (picked, first_out) == (len(rows), rows[0])
         ((p_cond, p_extras),), ((n_cond, _),) = pos, neg
         assert torch.equal(p_cond, cond[rows]) and torch.equal(p_extras["pooled_output"], extras["pooled_output"][rows])

@@ -372,7 +372,7 @@ def _run_select_panels(select_inputs: dict, story_inputs: dict) -> tuple[list[in
     story = parse.parse_story(story_inputs["characters"], story_inputs["panels"], story_inputs["identity_panels"])
     rows = torch.arange(len(story), dtype=torch.float32).reshape(-1, 1, 1)
     conditioning = [[rows, {"pooled_output": rows[:, 0]}]]
-    positive, _, count, first, _ = story_nodes.StoryDiffusionSelectPanels().select(
+    positive, _, count, first, *_ = story_nodes.StoryDiffusionSelectPanels().select(
         conditioning, conditioning, story, select_inputs["select"], select_inputs["first_panel"], select_inputs["count"])
     return [int(v) for v in positive[0][0].flatten()], count, first
 
