@@ -7,6 +7,8 @@ workflow references (the tests write tiny random files with exactly those names)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from workflow_builder import ModelFile, Workflow, WorkflowBuilder, sample_and_decode
 
 SD15_CHECKPOINT = ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15")
@@ -111,6 +113,52 @@ STORY_IDENTITY_BATCH = 4  # 2 characters x 2: panels 0-3
 STORY_RUN_FIRST_PANEL = STORY_IDENTITY_BATCH  # the story run samples panels 4-11 (count 0 = to the end)
 
 
+@dataclass
+class IdentityRun:
+    """The nodes both identity-bank stories start with: checkpoint, Story, Consistent Self-Attention, and the identity
+    run (Select Story Panels -> Identity Bank Write -> KSampler -> VAE Decode)."""
+    ckpt: int
+    story: int
+    csa: int
+    select: int
+    write: int
+    latent: int
+    sampler: int
+    decode: int
+
+
+def _add_identity_run(b: WorkflowBuilder, select_title: str) -> IdentityRun:
+    """The twelve-panel story (STORY_*) and its identity run's nodes; wire them with _wire_identity_run."""
+    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
+    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
+                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
+                  width=420)
+    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
+    select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"}, title=select_title)
+    write = b.add("StoryDiffusionIdentityBankWrite", 2)
+    latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE}, title="Identity panels latent")
+    sampler = b.add("KSampler", 2, dict({"seed": 42}, **SD15_SAMPLER), title="KSampler (identity run)")
+    decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    return IdentityRun(ckpt, story, csa, select, write, latent, sampler, decode)
+
+
+def _wire_identity_run(b: WorkflowBuilder, run: IdentityRun, story_select: int) -> None:
+    """Story -> CSA; the Story's batches into both Select Story Panels; the identity run sampled through Identity Bank
+    Write."""
+    b.connect(run.ckpt, "CLIP", run.story, "clip")
+    b.connect(run.ckpt, "MODEL", run.csa, "model")
+    b.connect(run.story, "story", run.csa, "story")
+    for select in (run.select, story_select):
+        b.connect(run.story, "positive", select, "positive")
+        b.connect(run.story, "negative", select, "negative")
+        b.connect(run.story, "story", select, "story")
+    b.connect(run.csa, "model", run.write, "model")
+    b.connect(run.select, "panel_count", run.latent, "batch_size")
+    sample_and_decode(b, run.sampler, run.decode, model=(run.write, "model"), positive=(run.select, "positive"),
+                      negative=(run.select, "negative"), latent=(run.latent, 0), vae=(run.ckpt, "VAE"))
+
+
+
 def story_characters(b: WorkflowBuilder) -> None:
     """Two characters, [NC] panels, 12 panels: the identity run samples only the identity panels and writes the
     identity bank; the story run samples only the other panels and reads it; the page joins both runs."""
@@ -131,19 +179,9 @@ def story_characters(b: WorkflowBuilder) -> None:
            "identity run (4 panels) 0.7 GB: far below 24 GB. The bank lives in RAM (storage cpu): 4 identity images × "
            "25 steps in fp16 ≈ 1.3 GB. On a small card lower `count` in the story run's Select Story Panels and raise "
            "`first_panel` to sample a few panels at a time.", 0, height=760, width=380)
-    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
-    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
-                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
-                  width=420)
-    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
-    # identity run
-    identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
-                            title="Select Story Panels (identity run)")
-    write = b.add("StoryDiffusionIdentityBankWrite", 2)
-    identity_latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE},
-                            title="Identity panels latent")
-    identity_sampler = b.add("KSampler", 2, dict({"seed": 42}, **SD15_SAMPLER), title="KSampler (identity run)")
-    identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    run = _add_identity_run(b, "Select Story Panels (identity run)")  # identity run
+    ckpt, story, csa, write = run.ckpt, run.story, run.csa, run.write
+    identity_sampler, identity_decode = run.sampler, run.decode
     # story run: another seed, else its first panels would start from the identity panels' noise
     story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panel range", "first_panel": STORY_RUN_FIRST_PANEL,
                                                           "count": 0}, title="Select Story Panels (story run)")
@@ -157,18 +195,7 @@ def story_characters(b: WorkflowBuilder) -> None:
     save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_characters"})
     save_bank = b.add("StoryDiffusionSaveIdentityBank", 4, {"filename_prefix": "storydiffusion/story_characters_bank"})
 
-    b.connect(ckpt, "CLIP", story, "clip")
-    b.connect(ckpt, "MODEL", csa, "model")
-    b.connect(story, "story", csa, "story")
-    for select in (identity_select, story_select):
-        b.connect(story, "positive", select, "positive")
-        b.connect(story, "negative", select, "negative")
-        b.connect(story, "story", select, "story")
-    b.connect(csa, "model", write, "model")
-    b.connect(identity_select, "panel_count", identity_latent, "batch_size")
-    sample_and_decode(b, identity_sampler, identity_decode, model=(write, "model"),
-                      positive=(identity_select, "positive"), negative=(identity_select, "negative"),
-                      latent=(identity_latent, 0), vae=(ckpt, "VAE"))
+    _wire_identity_run(b, run, story_select)
     b.connect(csa, "model", read, "model")
     b.connect(write, "bank", read, "bank")
     b.connect(story_select, "first_panel", read, "first_panel")
@@ -215,19 +242,9 @@ def story_distributed(b: WorkflowBuilder) -> None:
            "of the identity run (4 panels, cond + uncond) about 0.7 GB more, of a share (4 panels with 2 machines) "
            "the same: far below 24 GB. The bank lives in RAM (storage cpu): ≈ 1.3 GB per machine.",
            0, height=900, width=400)
-    ckpt = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": SD15_CHECKPOINT})
-    story = b.add("StoryDiffusionStory", 1, {"characters": STORY_CHARACTERS, "panels": STORY_PANELS,
-                                             "identity_panels": STORY_IDENTITY_PANELS, "style": "Japanese Anime"},
-                  width=420)
-    csa = b.add("StoryDiffusionConsistentSelfAttention", 1, {"seed": 7, "window_size": 4})
-    # identity run: on every machine
-    identity_select = b.add("StoryDiffusionSelectPanels", 2, {"select": "identity panels"},
-                            title="Select Story Panels (identity run, every machine)")
-    write = b.add("StoryDiffusionIdentityBankWrite", 2)
-    identity_latent = b.add("EmptyLatentImage", 2, {"width": SD15_SIZE, "height": SD15_SIZE},
-                            title="Identity panels latent")
-    identity_sampler = b.add("KSampler", 2, dict({"seed": 42}, **SD15_SAMPLER), title="KSampler (identity run)")
-    identity_decode = b.add("VAEDecode", 2, title="VAE Decode (identity run)")
+    run = _add_identity_run(b, "Select Story Panels (identity run, every machine)")  # identity run: on every machine
+    ckpt, story, csa, write = run.ckpt, run.story, run.csa, run.write
+    identity_select, identity_sampler, identity_decode = run.select, run.sampler, run.decode
     # story run: this machine's share
     participant = b.add("DistributedSeed", 3, {"seed": 0}, title="Distributed Seed (which machine: keep 0, fixed)")
     story_select = b.add("StoryDiffusionSelectPanels", 3, {"select": "panels that are not identity panels",
@@ -244,18 +261,7 @@ def story_distributed(b: WorkflowBuilder) -> None:
     page = b.add("StoryDiffusionComicPage", 4, {"layout": "grid", "rows": 3, "columns": 4, "page_width": 768})
     save = b.add("SaveImage", 4, {"filename_prefix": "storydiffusion/story_distributed"})
 
-    b.connect(ckpt, "CLIP", story, "clip")
-    b.connect(ckpt, "MODEL", csa, "model")
-    b.connect(story, "story", csa, "story")
-    for select in (identity_select, story_select):
-        b.connect(story, "positive", select, "positive")
-        b.connect(story, "negative", select, "negative")
-        b.connect(story, "story", select, "story")
-    b.connect(csa, "model", write, "model")
-    b.connect(identity_select, "panel_count", identity_latent, "batch_size")
-    sample_and_decode(b, identity_sampler, identity_decode, model=(write, "model"),
-                      positive=(identity_select, "positive"), negative=(identity_select, "negative"),
-                      latent=(identity_latent, 0), vae=(ckpt, "VAE"))
+    _wire_identity_run(b, run, story_select)
     b.connect(participant, "seed", story_select, "participant")
     b.connect(panel_latent, 0, story_select, "latent")
     b.connect(csa, "model", read, "model")
