@@ -22,6 +22,15 @@ pytest_plugins = ["animatediff_fixtures", "thirdparty_fixtures"]
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Chromium's path for the browser tests; skips (with what to install) when Chromium or playwright-core is missing."""
+    reason = harness.browser_missing()
+    if reason:
+        pytest.skip(reason)
+    return harness.CHROMIUM
+
+
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """A temporary models folder registered with folder_paths (and used by the server fixture)."""
     import folder_paths

@@ -17,6 +17,24 @@ import uuid
 
 from comfy_env import comfy_path
 
+# the browser tests (tests/test_workflows.py, tests/test_web_extension.py): scripts/setup_browser.sh provides both
+NODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".harness", "node")
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here (what to install), or None."""
+    import shutil
+
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM}: run `bash scripts/setup_browser.sh` (apt-get install chromium)"
+    if not shutil.which("node"):
+        return "Node.js is missing: install nodejs, then run `bash scripts/setup_browser.sh`"
+    if not os.path.exists(os.path.join(NODE_DIR, "node_modules", "playwright-core", "package.json")):
+        return "playwright-core is missing in .harness/node: run `bash scripts/setup_browser.sh`"
+    return None
+
+
 MODEL_FOLDERS = ("checkpoints", "clip", "clip_vision", "vae", "loras", "photomaker", "ipadapter",
                  "storydiffusion", "text_encoders", "diffusion_models", "embeddings")
 

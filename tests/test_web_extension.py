@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -25,8 +24,7 @@ import comfy_env
 import harness
 
 REPO = comfy_env.REPO
-NODE_DIR = os.path.join(REPO, ".harness", "node")
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM = harness.CHROMIUM
 PROBE = os.path.join(REPO, "tests", "browser", "extension_probe.js")
 ARTIFACTS = os.path.join(REPO, "test-artifacts", "workflows")
 SETTING = "Comfy.VueNodes.Enabled"
@@ -61,18 +59,6 @@ EXPECTED_SWITCHED = {
 # after a reload: here, layers going back from "custom list" to "all blocks" and the caption box of a Comic Page whose
 # links changed at load. Any other difference, or these two working, fails the test.
 KNOWN_NODES2_STALE = {"1.32": {"custom_layers_all", "captions_unlinked"}}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Skips (with the reason) when Chromium or playwright-core is missing."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM}: run `bash scripts/setup_browser.sh` (apt-get install chromium)")
-    if not shutil.which("node"):
-        pytest.skip("Node.js is missing: install nodejs, then run `bash scripts/setup_browser.sh`")
-    if not os.path.exists(os.path.join(NODE_DIR, "node_modules", "playwright-core", "package.json")):
-        pytest.skip("playwright-core is missing in .harness/node: run `bash scripts/setup_browser.sh`")
-    return CHROMIUM
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,7 @@ import workflow_sizes
 
 REPO = comfy_env.REPO
 DRIVER = os.path.join(REPO, "tests", "browser", "run_workflow.mjs")
-NODE_DIR = os.path.join(REPO, ".harness", "node")
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM = harness.CHROMIUM
 ARTIFACTS = os.path.join(REPO, "test-artifacts", "workflows")
 PACK_FOLDER = "comfyui-storydiffusion"  # the name scripts/setup.sh links into custom_nodes/
 
@@ -69,18 +68,6 @@ def skip_unless_buildable(name: str, object_info: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Skips (with the reason) when Chromium or playwright-core is missing."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM}: run `bash scripts/setup_browser.sh` (apt-get install chromium)")
-    if not shutil.which("node"):
-        pytest.skip("Node.js is missing: install nodejs, then run `bash scripts/setup_browser.sh`")
-    if not os.path.exists(os.path.join(NODE_DIR, "node_modules", "playwright-core", "package.json")):
-        pytest.skip("playwright-core is missing in .harness/node: run `bash scripts/setup_browser.sh`")
-    return CHROMIUM
 
 
 # On CPU ComfyUI keeps text encoders in fp16, which CPU matmuls run ~3x slower than fp32; the tiny
