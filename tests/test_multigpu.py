@@ -142,6 +142,30 @@ def sample(model, positive, negative, panels, channels=4, size=8, seed=5, steps=
                                disable_pbar=True, seed=seed)
 
 
+def bank_runs(csa, patched, split, write_conds, read_conds, suffixes=None, **sample_args):
+    """An identity bank written by two panels and read by a third, each cond of a step in its own thread on its own
+    clone ("multi", the modules watched with `suffixes`) and in sequence ("sequential"): (written, read, the bank's
+    entries) of each, sequential first."""
+    from comfyui_storydiffusion.attention.bank import IdentityBank
+
+    runs = []
+    for threaded in (False, True):
+        bank = IdentityBank()
+        writer = with_clones(csa.with_bank(patched, csa.MODE_WRITE, bank))
+        reader = with_clones(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2))
+        split.threads = threaded
+        watch = {} if suffixes is None else {"suffixes": suffixes}
+        handles = split.watch(reader.model_options["multigpu_clones"], **watch) if threaded else ()
+        try:
+            written = sample(writer, *write_conds, 2, **sample_args)
+            read = sample(reader, *read_conds, 1, **sample_args)
+        finally:
+            for h in handles:
+                h.remove()
+        runs.append((written, read, {k: v[0] for k, v in bank.entries.items()}))
+    return runs
+
+
 def check_threads(split, clones):
     """Every device's model was called, each only from its own thread."""
     seen = set(split.touched)
@@ -186,28 +210,11 @@ def test_unet_csa_equals_the_sequential_run(csa, sd15, split):
 
 
 def test_unet_bank_write_and_read_equal_the_sequential_run(csa, sd15, split):
-    from comfyui_storydiffusion.attention.bank import IdentityBank
-
     story = make_story([("Ann",), ("Ann",), ("Ann",)], identity={"Ann": (0, 1)})
     patched = patch(csa, sd15, story=story)
     positive, negative = conds("sd15", 2)
     read_positive, read_negative = conds("sd15", 1, seed=4)
-    out = {}
-    for name in ("sequential", "multi"):
-        bank = IdentityBank()
-        writer = with_clones(csa.with_bank(patched, csa.MODE_WRITE, bank))
-        reader = with_clones(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2))
-        split.threads = name == "multi"
-        if name == "multi":
-            handles = split.watch(reader.model_options["multigpu_clones"])
-        try:
-            written = sample(writer, positive, negative, 2)
-            read = sample(reader, read_positive, read_negative, 1)
-        finally:
-            for h in handles if name == "multi" else ():
-                h.remove()
-        out[name] = (written, read, {k: v[0] for k, v in bank.entries.items()})
-    (w1, r1, e1), (w2, r2, e2) = out["sequential"], out["multi"]
+    (w1, r1, e1), (w2, r2, e2) = bank_runs(csa, patched, split, (positive, negative), (read_positive, read_negative))
     assert torch.equal(w1, w2) and torch.equal(r1, r2)
     assert e1.keys() == e2.keys() and {k[2] for k in e1} == {"positive", "negative"}  # each role stored once
     assert all(torch.equal(e1[k], e2[k]) for k in e1)
@@ -218,29 +225,13 @@ def test_flux_bank_write_and_read_equal_the_sequential_run(csa, flux, split):
     """The DiT bank (sampled image keys and values after RoPE, from the attention override) written by the identity
     panels and read by another panel, each cond of a step in its own thread on its own clone: what the sequential
     split run writes and reads, bit for bit, each role stored once."""
-    from comfyui_storydiffusion.attention.bank import IdentityBank
-
     story = flux_tests.make_story([("Ann",), ("Ann",), ("Ann",)])
     story = type(story)(characters=story.characters, panels=story.panels, identity_panels={"Ann": (0, 1)})
     patched = flux_tests.patch(csa, flux, rate=0.5, layer_choice="all blocks", story=story)
     positive, negative = flux_tests.conds(2)
     read_positive, read_negative = flux_tests.conds(1, seed=4)
-    out = {}
-    for name in ("sequential", "multi"):
-        bank = IdentityBank()
-        writer = with_clones(csa.with_bank(patched, csa.MODE_WRITE, bank))
-        reader = with_clones(csa.with_bank(patched, csa.MODE_READ, bank, first_panel=2))
-        split.threads = name == "multi"
-        handles = (split.watch(reader.model_options["multigpu_clones"], suffixes=("img_attn.qkv", "linear1"))
-                   if name == "multi" else ())
-        try:
-            written = sample(writer, positive, negative, 2, channels=16, cfg=3.0)
-            read = sample(reader, read_positive, read_negative, 1, channels=16, cfg=3.0)
-        finally:
-            for h in handles:
-                h.remove()
-        out[name] = (written, read, {k: v[0] for k, v in bank.entries.items()})
-    (w1, r1, e1), (w2, r2, e2) = out["sequential"], out["multi"]
+    (w1, r1, e1), (w2, r2, e2) = bank_runs(csa, patched, split, (positive, negative), (read_positive, read_negative),
+                                           suffixes=("img_attn.qkv", "linear1"), channels=16, cfg=3.0)
     assert torch.equal(w1, w2) and torch.equal(r1, r2)
     assert e1 and e1.keys() == e2.keys() and {k[2] for k in e1} == {"positive", "negative"}  # each role once
     assert all(torch.equal(e1[k], e2[k]) for k in e1)
