@@ -171,3 +171,14 @@ def test_value_list_sweeps_the_rate_and_the_plot_pairs_each_score_with_its_value
         assert line == f"{rate:g} | {mean:.4f} | {worst:.4f}"
     assert len(plot) == 1 and plot[0].shape[0] == 1 and plot[0].shape[-1] == 3
     assert outputs["plot"]["text"] == table
+
+
+def test_a_swept_rate_outside_zero_to_one_is_refused(comfy_nodes, checkpoint_files):
+    """A linked value skips the widget's 0..1 range: Consistent Self-Attention says so instead of clamping it."""
+    import tiny_models
+
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["StoryDiffusionConsistentSelfAttention"]()
+    model = tiny_models.make_model("sd15")
+    for name in ("rate", "rate_high_res"):
+        with pytest.raises(ValueError, match=f"{name} is 1.5: .* between 0 and 1 .*Value List"):
+            node.patch(model, **dict(csa_defaults(comfy_nodes), **{name: 1.5}))

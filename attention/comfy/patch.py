@@ -24,6 +24,10 @@ def patch_model(model, *, rate: float, rate_high_res: float, window: int, layer_
     apply (one rate for every block) and the "official" layer choice means the family's default blocks.
     memory_budget_mib: extra memory one attention call may take for query panels' K/V (MiB; 0 = one panel per
     call; AUTO_BUDGET = a share of the device's free memory at each run's first call, one panel on the CPU)."""
+    for name, value in (("rate", rate), ("rate_high_res", rate_high_res)):
+        if not 0.0 <= float(value) <= 1.0:  # a linked value (e.g. from a Value List) skips the widget's range
+            raise PatchError(f"{name} is {value:g}: it is the share of tokens other panels read, between 0 and 1 "
+                             "(if a Value List feeds it, keep its values in that range)")
     family = dit_family(model)
     if family is not None:
         diffusion_model = model.model.diffusion_model
